@@ -1,0 +1,58 @@
+"""Config -> objects: the data set facts, the model, the optimizer and a fresh TrainState.
+
+Shared by the train loop, ``evaluate`` and ``predict`` so that all three build exactly the same thing
+from the same config. This is the only module below the loop that reads config values; it hands plain
+values to ``models``, ``optim``, ``data`` and ``state``.
+"""
+
+from __future__ import annotations
+
+from fastgpu_jax import data, models, optim
+from fastgpu_jax.config import ConfigError
+from fastgpu_jax.state import PRECISIONS, StepOptions, TrainState, create_train_state
+
+
+def data_kwargs(cfg) -> dict:
+    """Extra keyword arguments of the data functions (only the synthetic set takes any)."""
+    d = cfg.data
+    if d.name != "synthetic":
+        return {}
+    return {"image_size": d.image_size, "channels": d.channels, "num_examples": d.num_examples,
+            "num_classes": cfg.model.num_classes}
+
+
+def dataset_info(cfg) -> data.DatasetInfo:
+    info = data.info(cfg.data.name, cfg.data.dir, **data_kwargs(cfg))
+    if info.num_classes > cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the "
+                          f"{info.num_classes} classes of data.name='{cfg.data.name}'")
+    return info
+
+
+def build_model(cfg):
+    m = cfg.model
+    return models.build(m.name, num_classes=m.num_classes, width=m.width or None, dropout_rate=m.dropout_rate,
+                        stem=m.stem, dtype=PRECISIONS[cfg.train.precision])
+
+
+def build_optimizer(cfg):
+    """(tx, lr_fn) for ``cfg.optimizer``; the schedule spans ``train.steps`` updates."""
+    o = cfg.optimizer
+    lr_fn = optim.make_schedule(o.schedule, o.lr, cfg.train.steps, o.warmup_steps)
+    tx = optim.make_optimizer(o.name, lr_fn, momentum=o.momentum, nesterov=o.nesterov,
+                              weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm)
+    return tx, lr_fn
+
+
+def step_options(cfg) -> StepOptions:
+    t = cfg.train
+    return StepOptions(grad_accum_steps=t.grad_accum_steps, precision=t.precision, nan_policy=t.nan_policy,
+                       loss_scale_period=t.loss_scale_period)
+
+
+def build_state(cfg, info: data.DatasetInfo | None = None) -> TrainState:
+    """A freshly initialised TrainState for ``cfg`` (params from ``cfg.seed``)."""
+    info = info or dataset_info(cfg)
+    tx, lr_fn = build_optimizer(cfg)
+    return create_train_state(build_model(cfg), tx, seed=cfg.seed, input_shape=(1,) + tuple(info.image_shape),
+                              lr_fn=lr_fn, options=step_options(cfg), loss_scale_init=cfg.train.loss_scale_init)

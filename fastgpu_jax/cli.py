@@ -1,0 +1,97 @@
+"""The ``fastgpu-jax`` command: parses arguments, calls the library, prints. Nothing else lives here.
+
+    fastgpu-jax train   --config configs/digits_cnn.py --workdir runs/digits [--config.optimizer.lr=3e-3 ...]
+    fastgpu-jax eval    --workdir runs/digits [--split test]          # last stdout line: one JSON object
+    fastgpu-jax predict --workdir runs/digits --input x.npy [--output y.npy] [--logits]
+    fastgpu-jax plot    --workdir runs/digits                         # writes runs/digits/curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastgpu-jax", description="Train, evaluate and use image classifiers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a run; extra --config.KEY=VALUE override the config")
+    t.add_argument("--config", required=True, help="config file, optionally file.py:arg")
+    t.add_argument("--workdir", required=True, help="run folder; an existing run there is resumed")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the config changed in ways that alter the computation")
+
+    e = sub.add_parser("eval", help="evaluate the newest checkpoint; prints one JSON object last")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--data-dir", default=None, help="override data.dir (data moved since training)")
+
+    r = sub.add_parser("predict", help="classify images from a .npy file (raw pixels, the data set's scale)")
+    r.add_argument("--workdir", required=True)
+    r.add_argument("--input", required=True, help=".npy array (N, H, W, C) or (N, H, W)")
+    r.add_argument("--output", default=None, help=".npy for predicted labels (default: print them)")
+    r.add_argument("--logits", action="store_true", help="save logits (N, classes) instead of labels")
+    r.add_argument("--batch-size", type=int, default=None)
+
+    g = sub.add_parser("plot", help="write curves.png (loss/accuracy vs step) into the workdir")
+    g.add_argument("--workdir", required=True)
+    g.add_argument("--output", default=None)
+    return p
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    """['--config.a.b=1', '--config.c', '2'] -> ['a.b=1', 'c=2']; anything else is an error."""
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--config."):
+            raise SystemExit(f"fastgpu-jax: error: unrecognized argument {arg!r} "
+                             "(config overrides look like --config.optimizer.lr=3e-3)")
+        if "=" in arg:
+            out.append(arg[len("--config."):])
+        elif i + 1 < len(extra):
+            out.append(f"{arg[len('--config.'):]}={extra[i + 1]}")
+            i += 1
+        else:
+            raise SystemExit(f"fastgpu-jax: error: {arg} needs a value")
+        i += 1
+    return out
+
+
+def _run(args, extra: list[str]) -> int:
+    import fastgpu_jax as fg  # imported after parsing so --help is instant
+
+    if args.command == "train":
+        cfg = fg.load_config(args.config, overrides=_split_overrides(extra))
+        summary = fg.train(cfg, args.workdir, allow_config_change=args.allow_config_change)
+        print(json.dumps(summary))
+    elif args.command == "eval":
+        print(json.dumps(fg.evaluate(args.workdir, args.split, data_dir=args.data_dir)))
+    elif args.command == "predict":
+        import numpy as np
+
+        logits = fg.predict(args.workdir, np.load(args.input), batch_size=args.batch_size)
+        result = logits if args.logits else logits.argmax(-1)
+        if args.output:
+            np.save(args.output, result)
+        else:
+            print(" ".join(map(str, result.tolist())) if not args.logits else result)
+        print(json.dumps({"input": args.input, "count": int(len(logits)), "output": args.output}))
+    elif args.command == "plot":
+        print(json.dumps({"plot": fg.plot_curves(args.workdir, args.output)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = _parser().parse_known_args(argv)
+    if extra and args.command != "train":
+        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    from fastgpu_jax.config import ConfigError
+
+    try:
+        return _run(args, extra)
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, NotImplementedError) as err:
+        print(f"fastgpu-jax: error: {err}", file=sys.stderr)
+        return 2

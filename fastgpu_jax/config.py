@@ -1,0 +1,265 @@
+"""Experiment configs: load a Python config file, apply dotted overrides, validate, freeze.
+
+A config file is a Python module with ``get_config(arg=None)`` returning an ``ml_collections.ConfigDict``
+that sets only what differs from the shared defaults (``SCHEMA`` below, the one place defaults live).
+``load_config("configs/x.py:arg", overrides=["optimizer.lr=3e-3"])`` merges file values and overrides
+onto the defaults, checks every key and type against the schema and every value against its rule, and
+returns a ``FrozenConfigDict``. Any mistake fails here with one line naming the key and what is allowed,
+long before a model is built.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message is one line naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One config key: default, accepted type(s), and an optional rule on the value."""
+
+    default: Any
+    types: tuple
+    choices: tuple | None = None
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""  # what `check` demands, for the error message
+    help: str = ""
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+_INT, _FLOAT, _STR, _BOOL = (int,), (float, int), (str,), (bool,)
+_OPT_STR = (str, type(None))
+
+MODEL_NAMES = ("cnn", "mlp", "resnet18", "resnet34", "resnet50")
+DATA_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+
+# Shared schema and defaults. Config files set only what differs.
+SCHEMA: dict[str, Key] = {
+    "seed": Key(0, _INT, check=_non_negative, rule=">= 0"),
+    # data
+    "data.name": Key("digits", _STR, choices=DATA_NAMES),
+    "data.dir": Key(None, _OPT_STR, help="folder with the data set's files (mnist, cifar10)"),
+    "data.batch_size": Key(128, _INT, check=_positive, rule="> 0", help="global batch size"),
+    "data.eval_batch_size": Key(256, _INT, check=_positive, rule="> 0"),
+    "data.augment": Key(False, _BOOL),
+    "data.image_size": Key(32, _INT, check=_positive, rule="> 0", help="synthetic only"),
+    "data.channels": Key(3, _INT, check=_positive, rule="> 0", help="synthetic only"),
+    "data.num_examples": Key(1024, _INT, check=_positive, rule="> 0", help="synthetic only"),
+    # model
+    "model.name": Key("cnn", _STR, choices=MODEL_NAMES),
+    "model.num_classes": Key(10, _INT, check=lambda v: v >= 2, rule=">= 2"),
+    "model.backend": Key("xla", _STR, choices=("xla", "pallas", "auto")),
+    "model.width": Key(0, _INT, check=_non_negative, rule=">= 0 (0: the model's usual width)",
+                       help="base channels (cnn 32, resnet 64) or hidden units (mlp 256)"),
+    "model.stem": Key("imagenet", _STR, choices=("imagenet", "cifar"), help="resnet stem"),
+    "model.dropout_rate": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
+    # train
+    "train.steps": Key(1000, _INT, check=_positive, rule="> 0"),
+    "train.log_every_steps": Key(50, _INT, check=_positive, rule="> 0"),
+    "train.eval_every_steps": Key(0, _INT, check=_non_negative, rule=">= 0 (0: only at the end)"),
+    "train.eval_split": Key("val", _STR, choices=("val", "test")),
+    "train.checkpoint_every_steps": Key(500, _INT, check=_positive, rule="> 0"),
+    "train.keep_checkpoints": Key(3, _INT, check=_positive, rule="> 0"),
+    "train.grad_accum_steps": Key(1, _INT, check=_positive, rule="> 0"),
+    "train.precision": Key("float32", _STR, choices=("float32", "bfloat16", "float16")),
+    "train.loss_scale_init": Key(2.0 ** 15, _FLOAT, check=_positive, rule="> 0", help="float16 only"),
+    "train.loss_scale_period": Key(2000, _INT, check=_positive, rule="> 0",
+                                   help="float16: good steps before the loss scale doubles"),
+    "train.nan_policy": Key("stop", _STR, choices=("stop", "skip")),
+    "train.deterministic": Key(False, _BOOL),
+    # optimizer
+    "optimizer.name": Key("adam", _STR, choices=("sgd", "adam", "adamw", "lamb")),
+    "optimizer.lr": Key(1e-3, _FLOAT, check=_positive, rule="> 0"),
+    "optimizer.schedule": Key("constant", _STR, choices=("constant", "cosine", "warmup_cosine")),
+    "optimizer.warmup_steps": Key(0, _INT, check=_non_negative, rule=">= 0"),
+    "optimizer.weight_decay": Key(0.0, _FLOAT, check=_non_negative, rule=">= 0"),
+    "optimizer.momentum": Key(0.9, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
+    "optimizer.nesterov": Key(False, _BOOL),
+    "optimizer.grad_clip_norm": Key(0.0, _FLOAT, check=_non_negative, rule=">= 0 (0: off)"),
+    # parallel (the multi-device strategies land with the parallel layer)
+    "parallel.strategy": Key("none", _STR, choices=("none",),
+                             help="dp, fsdp and pmap arrive with the parallel layer"),
+    "parallel.mesh": Key("", _STR, help="e.g. 'data=8' (empty: all devices on the data axis)"),
+    "parallel.coordinator": Key("", _STR),
+    "parallel.num_processes": Key(1, _INT, check=_positive, rule="> 0"),
+    "parallel.process_id": Key(0, _INT, check=_non_negative, rule=">= 0"),
+    # logging
+    "log.tensorboard": Key(True, _BOOL),
+    "log.wandb": Key(False, _BOOL),
+    "log.progress_bar": Key(True, _BOOL, help="tqdm bar on a TTY; plain lines otherwise"),
+}
+
+# Keys that may change when a run resumes without changing what it computes up to the saved step.
+RESUMABLE_CHANGES = frozenset({
+    "train.steps", "train.log_every_steps", "train.eval_every_steps", "train.eval_split",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "data.dir", "data.eval_batch_size",
+    "log.tensorboard", "log.wandb", "log.progress_bar",
+})
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """A fresh, unlocked ConfigDict holding every key's default."""
+    cfg = ml_collections.ConfigDict()
+    for dotted, key in SCHEMA.items():
+        section, _, name = dotted.rpartition(".")
+        node = cfg
+        if section:
+            if section not in node:
+                node[section] = ml_collections.ConfigDict()
+            node = node[section]
+        node[name] = key.default
+    return cfg
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    items = tree.items() if hasattr(tree, "items") else []
+    for name, value in items:
+        dotted = f"{prefix}{name}"
+        if isinstance(value, (dict, ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _close_keys(dotted: str) -> str:
+    section = dotted.rpartition(".")[0]
+    same = [k for k in SCHEMA if k.rpartition(".")[0] == section]
+    return ", ".join(same) if same else ", ".join(sorted({k.split(".")[0] for k in SCHEMA}))
+
+
+def _check_type(dotted: str, value: Any) -> Any:
+    """Returns value coerced to the key's type (int -> float only), or raises ConfigError."""
+    if dotted not in SCHEMA:
+        raise ConfigError(f"unknown config key '{dotted}'; known keys here: {_close_keys(dotted)}")
+    key = SCHEMA[dotted]
+    ok = isinstance(value, key.types) and not (isinstance(value, bool) and bool not in key.types)
+    if not ok:
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in key.types)
+        raise ConfigError(f"config key '{dotted}' must be {names}, got {value!r} ({type(value).__name__})")
+    if key.types == _FLOAT and isinstance(value, int):
+        value = float(value)
+    return value
+
+
+def _check_value(dotted: str, value: Any) -> None:
+    key = SCHEMA[dotted]
+    if key.choices is not None and value not in key.choices:
+        raise ConfigError(f"config key '{dotted}'={value!r} is not allowed; choose one of: "
+                          + ", ".join(map(str, key.choices)))
+    if key.check is not None and value is not None and not key.check(value):
+        raise ConfigError(f"config key '{dotted}'={value!r} is impossible; it must be {key.rule}")
+
+
+def _validate_combinations(flat: dict[str, Any]) -> None:
+    """Rules that tie several keys together."""
+    bs, accum = flat["data.batch_size"], flat["train.grad_accum_steps"]
+    if bs % accum:
+        raise ConfigError(f"data.batch_size={bs} is not divisible by train.grad_accum_steps={accum}")
+    if flat["optimizer.warmup_steps"] >= flat["train.steps"] and flat["optimizer.schedule"] == "warmup_cosine":
+        raise ConfigError(f"optimizer.warmup_steps={flat['optimizer.warmup_steps']} must be smaller than "
+                          f"train.steps={flat['train.steps']}")
+    if flat["data.name"] in ("mnist", "fashion_mnist", "cifar10") and not flat["data.dir"]:
+        raise ConfigError(f"data.dir is required for data.name='{flat['data.name']}' "
+                          "(the folder holding its local files)")
+    if flat["parallel.process_id"] >= flat["parallel.num_processes"]:
+        raise ConfigError(f"parallel.process_id={flat['parallel.process_id']} must be < "
+                          f"parallel.num_processes={flat['parallel.num_processes']}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optimizer.lr=3e-3' -> ('optimizer.lr', 0.003). Values are Python literals, else strings."""
+    dotted, sep, raw = text.partition("=")
+    dotted = dotted.strip().removeprefix("--config.").removeprefix("config.")
+    if not sep or not dotted:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optimizer.lr=3e-3")
+    raw = raw.strip()
+    if raw in ("None", "none", "null"):
+        return dotted, None
+    if raw.lower() in ("true", "false"):
+        return dotted, raw.lower() == "true"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    # "1e-3" parses as float already; keep quoted or bare strings as strings.
+    if dotted in SCHEMA and SCHEMA[dotted].types == _FLOAT and isinstance(value, int):
+        value = float(value)
+    if dotted in SCHEMA and str in SCHEMA[dotted].types and not isinstance(value, str) and value is not None:
+        value = raw
+    return dotted, value
+
+
+def _load_file(path: str) -> ml_collections.ConfigDict:
+    path, _, arg = path.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    spec = importlib.util.spec_from_file_location(f"_fastgpu_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' has no get_config() function")
+    cfg = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(cfg, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f"get_config() in '{path}' must return a ConfigDict, got {type(cfg).__name__}")
+    return cfg
+
+
+def build_config(values: dict | ml_collections.ConfigDict | None = None,
+                 overrides: Sequence[str] = ()) -> ml_collections.FrozenConfigDict:
+    """Defaults <- values (nested or dotted) <- overrides; validated and frozen."""
+    flat = {k: key.default for k, key in SCHEMA.items()}
+    for dotted, value in _flatten(values or {}).items():
+        flat[dotted] = _check_type(dotted, value)
+    for text in overrides:
+        dotted, value = parse_override(text)
+        flat[dotted] = _check_type(dotted, value)
+    for dotted, value in flat.items():
+        _check_value(dotted, value)
+    _validate_combinations(flat)
+    cfg = default_config()
+    for dotted, value in flat.items():
+        section, _, name = dotted.rpartition(".")
+        (cfg[section] if section else cfg)[name] = value
+    return ml_collections.FrozenConfigDict(cfg)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.FrozenConfigDict:
+    """Loads ``path`` (optionally ``file.py:arg``), applies ``overrides``, validates, freezes."""
+    return build_config(_load_file(path), overrides)
+
+
+def to_flat_dict(cfg) -> dict[str, Any]:
+    """The config as {dotted key: value}: for config.json and for comparing two configs."""
+    return _flatten(cfg)
+
+
+def from_flat_dict(flat: dict[str, Any]) -> ml_collections.FrozenConfigDict:
+    """Rebuilds a validated config from ``to_flat_dict`` output (e.g. a workdir's config.json)."""
+    return build_config({k: v for k, v in flat.items()})
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ and that would change what a resumed run computes."""
+    allowed = set(RESUMABLE_CHANGES)
+    if new.get("optimizer.schedule") != "constant":
+        allowed.discard("train.steps")  # the schedule spans train.steps: changing it changes every lr
+    keys = set(old) | set(new)
+    return sorted(k for k in keys if old.get(k) != new.get(k) and k not in allowed)

@@ -1,0 +1,41 @@
+"""Data sets and input pipelines for fastgpu_jax.
+
+Takes plain values only (names, paths, sizes, seeds): it knows nothing of
+configs, models or the train loop, so it can be tested and reused alone.
+
+    info(name, data_dir=None, *, image_size=32, channels=3, num_classes=10, num_examples=1024)
+    load_split(name, split, data_dir=None, **synthetic_kw) -> (images, labels)
+    normalize(images, info) -> float32
+    train_iterator(name, *, batch_size, seed, data_dir=None, augment=False,
+                   process_index=0, process_count=1, **synthetic_kw)
+    eval_batches(name, split, *, batch_size, data_dir=None, **synthetic_kw)
+"""
+
+from .pipeline import CROP_PADDING, eval_batches, train_dataset, train_iterator
+from .sources import (
+    DATASET_NAMES,
+    SPLITS,
+    VAL_SIZE,
+    DatasetInfo,
+    info,
+    load_split,
+    normalize,
+    read_cifar_bin,
+    read_idx,
+)
+
+__all__ = [
+    "CROP_PADDING",
+    "DATASET_NAMES",
+    "SPLITS",
+    "VAL_SIZE",
+    "DatasetInfo",
+    "eval_batches",
+    "info",
+    "load_split",
+    "normalize",
+    "read_cifar_bin",
+    "read_idx",
+    "train_dataset",
+    "train_iterator",
+]

@@ -1,0 +1,178 @@
+"""Grain input pipelines: an infinite, resumable train iterator and ordered eval batches.
+
+Design (why it looks like this):
+
+* The GLOBAL batch of train step ``s`` is a pure function of ``(seed, s)``. The
+  pipeline is a Grain ``MapDataset`` over step indices, so random access by step
+  is what defines the data, and the iterator state is just the next step index
+  (``{"next_index": s}``): a checkpoint can store it as JSON and a resumed run
+  continues exactly where it left off, with any ``process_count``.
+* Sample order: the train examples are read as an endless stream of epochs; each
+  epoch is a permutation that depends only on ``(seed, epoch)``
+  (``numpy.random.default_rng([seed, epoch]).permutation(N)``), and batch ``s`` is
+  stream positions ``[s*B, (s+1)*B)``, so a batch may straddle two epochs and no
+  example is ever dropped. This is the same contract as Grain's
+  ``MapDataset.range(N).shuffle(seed).repeat().batch(B, drop_remainder=True)``,
+  but computed per batch with numpy instead of per element in Python (Grain's
+  element-wise path delivers ~300 batches/s of 128 indices; this one thousands).
+* Per batch: ONE vectorised gather ``images[idx]`` + normalisation, no per-example
+  Python work. Each process gathers only its own rows
+  ``[process_index*b, (process_index+1)*b)`` with ``b = batch_size // process_count``;
+  augmentation parameters are drawn for the whole global batch from
+  ``default_rng([seed, tag, step])`` and then sliced, so concatenating the
+  processes' batches gives exactly the ``process_count=1`` batch.
+* One reader thread with a small prefetch buffer: the host is small and XLA
+  needs the cores; Grain keeps the order deterministic.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import grain
+import numpy as np
+
+from . import sources
+
+# Mixed into the augmentation RNG seed so it never coincides with a shuffle stream.
+_AUGMENT_TAG = 0xA06
+# CIFAR augmentation: pad each side by this many pixels, then take a random crop.
+CROP_PADDING = 4
+_READ_OPTIONS = dict(num_threads=1, prefetch_buffer_size=4)
+
+
+class _EpochOrder:
+    """Global example indices of each train step; per-epoch permutations cached."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.n, self.b, self.seed = num_examples, batch_size, seed
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._cache.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                if len(self._cache) >= 3:  # steps go forward: keep only the latest epochs
+                    self._cache.pop(min(self._cache))
+                self._cache[epoch] = perm
+            return perm
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, offset = divmod(int(step) * self.b, self.n)
+        first = self.permutation(epoch)[offset:offset + self.b]
+        if len(first) == self.b:
+            return first
+        # batch_size <= N, so a batch spans at most two epochs.
+        return np.concatenate([first, self.permutation(epoch + 1)[: self.b - len(first)]])
+
+
+def _crop_flip(x: np.ndarray, oy: np.ndarray, ox: np.ndarray, flip: np.ndarray, pad: int) -> np.ndarray:
+    """Random crop from a zero-padded batch + horizontal flip, as one fancy-index gather.
+
+    Applied after normalisation, so zero padding = padding with the data set mean.
+    """
+    b, h, w, c = x.shape
+    padded = np.zeros((b, h + 2 * pad, w + 2 * pad, c), dtype=x.dtype)
+    padded[:, pad:pad + h, pad:pad + w] = x
+    rows = oy[:, None] + np.arange(h)
+    cols = ox[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))
+    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _check_int(value, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def train_dataset(name: str, *, batch_size: int, seed: int, data_dir=None, augment: bool = False,
+                  process_index: int = 0, process_count: int = 1, **synthetic_kw) -> grain.MapDataset:
+    """The train pipeline as a Grain ``MapDataset``: element ``s`` is this process's part
+    of the global batch of step ``s`` (random access; ``train_iterator`` iterates it)."""
+    batch_size = _check_int(batch_size, "data.batch_size", 1)
+    seed = _check_int(seed, "seed", 0)
+    process_count = _check_int(process_count, "process_count", 1)
+    process_index = _check_int(process_index, "process_index", 0)
+    if process_index >= process_count:
+        raise ValueError(f"process_index={process_index} must be < process_count={process_count}")
+    if batch_size % process_count:
+        raise ValueError(
+            f"data.batch_size={batch_size} is not divisible by the number of processes ({process_count})"
+        )
+    ds_info = sources.info(name, data_dir, **synthetic_kw)
+    images, labels = sources.split_arrays(name, "train", data_dir, **synthetic_kw)
+    n = len(labels)
+    if batch_size > n:
+        raise ValueError(f"data.batch_size={batch_size} is larger than the {name!r} train split ({n} examples)")
+
+    local = batch_size // process_count
+    lo, hi = process_index * local, (process_index + 1) * local
+    order = _EpochOrder(n, batch_size, seed)
+    mean = np.asarray(ds_info.mean, dtype=np.float32)
+    std = np.asarray(ds_info.std, dtype=np.float32)
+
+    def load(step):
+        idx = order(step)[lo:hi]
+        image = images[idx].astype(np.float32)
+        image -= mean
+        image /= std  # same arithmetic as sources.normalize, bit for bit
+        return {"image": image, "label": labels[idx]}
+
+    def augment_cifar(step, batch):
+        rng = np.random.default_rng([seed, _AUGMENT_TAG, int(step)])
+        span = 2 * CROP_PADDING + 1
+        oy = rng.integers(0, span, size=batch_size)[lo:hi]
+        ox = rng.integers(0, span, size=batch_size)[lo:hi]
+        flip = (rng.random(batch_size) < 0.5)[lo:hi]
+        return {"image": _crop_flip(batch["image"], oy, ox, flip, CROP_PADDING), "label": batch["label"]}
+
+    ds = grain.MapDataset.range(sys.maxsize).map(load)
+    if augment and name == "cifar10":
+        ds = ds.map_with_index(augment_cifar)
+    return ds
+
+
+def train_iterator(name: str, *, batch_size: int, seed: int, data_dir=None, augment: bool = False,
+                   process_index: int = 0, process_count: int = 1, **synthetic_kw):
+    """Infinite iterator of ``{"image": float32 (b, H, W, C) normalised, "label": int32 (b,)}``,
+    ``b = batch_size // process_count``.
+
+    It is a Grain ``DatasetIterator``: ``get_state()`` returns a JSON-serialisable
+    dict and ``set_state(state)`` resumes exactly. ``augment=True`` (random
+    4-pixel crop, padded with the mean, + horizontal flip) applies to ``cifar10``
+    only; for other data sets it is ignored (small grey digits are not
+    flip-invariant, and synthetic data is for throughput).
+    """
+    ds = train_dataset(name, batch_size=batch_size, seed=seed, data_dir=data_dir, augment=augment,
+                       process_index=process_index, process_count=process_count, **synthetic_kw)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS)))
+
+
+def eval_batches(name: str, split: str, *, batch_size: int, data_dir=None, **synthetic_kw):
+    """One ordered pass over ``split``: ``{"image", "label", "mask"}`` batches.
+
+    Every batch has exactly ``batch_size`` rows so a jitted eval step compiles once:
+    the last batch is padded with zero images / label 0 and ``mask`` 0 (1 for real rows).
+    Arguments are checked now; the data is produced lazily.
+    """
+    batch_size = _check_int(batch_size, "data.eval_batch_size", 1)
+    ds_info = sources.info(name, data_dir, **synthetic_kw)
+    images, labels = sources.split_arrays(name, split, data_dir, **synthetic_kw)
+
+    def generate():
+        for start in range(0, len(labels), batch_size):
+            stop = min(start + batch_size, len(labels))
+            real = stop - start
+            image = sources.normalize(images[start:stop], ds_info)
+            label = labels[start:stop]
+            mask = np.ones(batch_size, dtype=np.float32)
+            if real < batch_size:
+                image = np.concatenate([image, np.zeros((batch_size - real, *image.shape[1:]), np.float32)])
+                label = np.concatenate([label, np.zeros(batch_size - real, np.int32)])
+                mask[real:] = 0.0
+            yield {"image": image, "label": np.asarray(label, np.int32).copy(), "mask": mask}
+
+    return generate()

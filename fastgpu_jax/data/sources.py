@@ -1,0 +1,407 @@
+"""Raw data set loaders: digits, IDX (MNIST / Fashion-MNIST), CIFAR-10 binary, synthetic.
+
+Everything here returns plain numpy arrays in the data set's native pixel scale
+(digits 0..16, MNIST/CIFAR uint8 0..255, synthetic float32 N(0, 1)) so that the
+same numbers a user feeds to ``predict`` are the ones the model was trained on
+after :func:`normalize`.
+
+File formats are parsed with numpy only (no pickle, no extra packages) and
+validated strictly: a truncated, corrupt or mismatched file raises one clear
+error naming the file and the expected format; partial data is never returned.
+
+Splits are fixed and independent of any user seed, so a val/test score always
+refers to the same examples:
+
+* digits: ``default_rng(0)`` permutation of the 1,797 examples; test = first
+  360, val = next 180, train = remaining 1,257. mean/std are computed from the
+  train split (deterministic, so they never change between runs).
+* mnist / fashion_mnist / cifar10: val = the LAST 5,000 examples of the train
+  files, train = the rest, test = the official test file(s).
+* synthetic: one fixed ``default_rng(0)`` draw; train, val and test are the SAME
+  examples (it exists to measure throughput, not generalisation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+SPLITS = ("train", "val", "test")
+# Held-out validation examples taken from the end of the train files (IDX, CIFAR).
+VAL_SIZE = 5000
+
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dims
+_IDX_LABELS_MAGIC = 0x00000801  # uint8, 1 dim
+# Standard normalisation constants, in raw pixel units (0..255).
+_IDX_STATS = {
+    "mnist": ((0.1307 * 255,), (0.3081 * 255,)),
+    "fashion_mnist": ((0.2860 * 255,), (0.3530 * 255,)),
+}
+
+_CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+_CIFAR_TEST_FILE = "test_batch.bin"
+_CIFAR_SUBDIR = "cifar-10-batches-bin"
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+_CIFAR_MEAN = (125.3, 123.0, 113.9)
+_CIFAR_STD = (63.0, 62.1, 66.7)
+_NUM_CLASSES = 10
+
+_SYNTHETIC_DEFAULTS = {"image_size": 32, "channels": 3, "num_classes": 10, "num_examples": 1024}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts of a data set, needed to build a model and to normalise inputs.
+
+    ``mean``/``std`` are per channel in RAW pixel units, so ``normalize`` can be
+    applied to exactly what a user passes to ``predict``.
+    """
+
+    name: str
+    image_shape: tuple  # (H, W, C)
+    num_classes: int
+    split_sizes: dict  # {"train": n, "val": n, "test": n}
+    mean: tuple
+    std: tuple
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(DATASET_NAMES)}")
+    return name
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def _synthetic_options(kw: dict) -> tuple:
+    """Validate synthetic kwargs; they are accepted (and ignored) for every data set
+    so a caller can always pass its config values through."""
+    unknown = sorted(set(kw) - set(_SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown}; synthetic options are "
+            f"{sorted(_SYNTHETIC_DEFAULTS)}"
+        )
+    opts = {**_SYNTHETIC_DEFAULTS, **{k: v for k, v in kw.items() if v is not None}}
+    for key, value in opts.items():
+        if int(value) != value or int(value) <= 0:
+            raise ValueError(f"synthetic option {key} must be a positive integer, got {value!r}")
+    return tuple(int(opts[k]) for k in ("image_size", "channels", "num_classes", "num_examples"))
+
+
+def _resolve_dir(name: str, data_dir, expected: str) -> Path:
+    if data_dir is None or str(data_dir) == "":
+        raise ValueError(
+            f"data.dir must point to a directory containing {expected} for data set {name!r} (got None)"
+        )
+    path = Path(os.path.expanduser(str(data_dir)))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data.dir {str(path)!r} is not a directory; it must contain {expected} for data set {name!r}"
+        )
+    return path
+
+
+def _readonly(*arrays):
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+def _signature(paths) -> tuple:
+    """Cache key: a file that changes on disk is read again."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_splits() -> dict:
+    from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32)[..., None]  # (1797, 8, 8, 1), 0..16
+    labels = np.asarray(bunch.target, dtype=np.int32)
+    perm = np.random.default_rng(0).permutation(len(labels))
+    parts = {"test": perm[:360], "val": perm[360:540], "train": perm[540:]}
+    return {k: _readonly(np.ascontiguousarray(images[idx]), labels[idx].copy()) for k, idx in parts.items()}
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+def _find_idx(directory: Path, base: str) -> Path:
+    for candidate in (directory / base, directory / (base + ".gz")):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"missing IDX file {str(directory / base)!r} (also looked for {base}.gz); "
+        "expected the MNIST-style IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (plain or .gz)"
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if path.suffix != ".gz":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{str(path)!r} is not a valid gzip file ({e}); expected a gzip-compressed IDX file") from None
+
+
+def read_idx(path, *, magic: int) -> np.ndarray:
+    """Parse one IDX file (plain or .gz) into a uint8 array with the header's dims.
+
+    Header: 4-byte big-endian magic (0x00000803 images, 0x00000801 labels), one
+    big-endian uint32 per dimension, then the raw uint8 data, which must fill the
+    file exactly.
+    """
+    path = Path(path)
+    buf = _read_bytes(path)
+    what = "images (magic 0x00000803, 3 dims)" if magic == _IDX_IMAGES_MAGIC else "labels (magic 0x00000801, 1 dim)"
+    if len(buf) < 4:
+        raise ValueError(f"{str(path)!r} is too short ({len(buf)} bytes) to be an IDX {what} file")
+    got = int.from_bytes(buf[:4], "big")
+    if got != magic:
+        raise ValueError(f"{str(path)!r} has magic 0x{got:08x}; expected an IDX {what} file")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(buf) < header:
+        raise ValueError(f"{str(path)!r} is truncated: {len(buf)} bytes, header alone needs {header} (IDX {what})")
+    dims = tuple(int(d) for d in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(buf) != expected:
+        state = "truncated" if len(buf) < expected else "longer than its header says"
+        raise ValueError(
+            f"{str(path)!r} is {state}: header dims {dims} need {expected} bytes, file has {len(buf)} (IDX {what})"
+        )
+    return np.frombuffer(buf, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_labels(path: Path) -> np.ndarray:
+    labels = read_idx(path, magic=_IDX_LABELS_MAGIC)
+    if labels.size and labels.max() >= _NUM_CLASSES:
+        raise ValueError(
+            f"{str(path)!r} has label {int(labels.max())} out of range 0..{_NUM_CLASSES - 1} (IDX labels file)"
+        )
+    return labels.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=2)
+def _idx_splits_cached(name: str, directory: str, signature: tuple) -> dict:
+    del signature  # only part of the cache key
+    d = Path(directory)
+    paths = {k: _find_idx(d, base) for k, base in _IDX_FILES.items()}
+    arrays = {}
+    for prefix in ("train", "test"):
+        img_path, lab_path = paths[f"{prefix}_images"], paths[f"{prefix}_labels"]
+        images = read_idx(img_path, magic=_IDX_IMAGES_MAGIC)
+        labels = _idx_labels(lab_path)
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{str(img_path)!r} holds {len(images)} images but {str(lab_path)!r} holds {len(labels)} labels; "
+                "IDX image and label files must have the same count"
+            )
+        arrays[prefix] = (images[..., None], labels)  # (N, H, W, 1)
+    if arrays["train"][0].shape[1:] != arrays["test"][0].shape[1:]:
+        raise ValueError(
+            f"{str(paths['test_images'])!r} has images of shape {arrays['test'][0].shape[1:3]} but "
+            f"{str(paths['train_images'])!r} has {arrays['train'][0].shape[1:3]}; both must match"
+        )
+    return _split_train_val(arrays["train"], arrays["test"], paths["train_images"])
+
+
+def _split_train_val(train, test, train_file: Path) -> dict:
+    images, labels = train
+    n = len(labels)
+    if n <= VAL_SIZE:
+        raise ValueError(
+            f"{str(train_file)!r} holds {n} train examples; need more than {VAL_SIZE} "
+            f"(the last {VAL_SIZE} are held out as the val split)"
+        )
+    cut = n - VAL_SIZE
+    return {
+        "train": _readonly(images[:cut], labels[:cut]),
+        "val": _readonly(images[cut:], labels[cut:]),
+        "test": _readonly(*test),
+    }
+
+
+def _idx_splits(name: str, data_dir) -> dict:
+    expected = ", ".join(f"{b}[.gz]" for b in _IDX_FILES.values()) + " (IDX format)"
+    d = _resolve_dir(name, data_dir, expected)
+    paths = [_find_idx(d, base) for base in _IDX_FILES.values()]
+    return _idx_splits_cached(name, str(d), _signature(paths))
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+def read_cifar_bin(path) -> tuple:
+    """Parse one CIFAR-10 binary batch: records of 1 label byte + 3072 bytes
+    (R, G, B planes of 32x32, channel-major), returned as HWC uint8 + int32 labels."""
+    path = Path(path)
+    buf = path.read_bytes()
+    if len(buf) == 0 or len(buf) % _CIFAR_RECORD:
+        raise ValueError(
+            f"{str(path)!r} has {len(buf)} bytes, not a positive multiple of {_CIFAR_RECORD}; expected CIFAR-10 "
+            "binary records (1 label byte + 3x32x32 pixel bytes)"
+        )
+    rec = np.frombuffer(buf, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = rec[:, 0].astype(np.int32)
+    if labels.max() >= _NUM_CLASSES:
+        bad = int(np.argmax(labels >= _NUM_CLASSES))
+        raise ValueError(
+            f"{str(path)!r} record {bad} has label byte {int(labels[bad])}, out of range 0..{_NUM_CLASSES - 1} "
+            "(CIFAR-10 binary format)"
+        )
+    images = np.ascontiguousarray(rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, labels
+
+
+def _cifar_dir(data_dir) -> Path:
+    expected = ", ".join(_CIFAR_TRAIN_FILES + (_CIFAR_TEST_FILE,)) + " (CIFAR-10 binary version)"
+    d = _resolve_dir("cifar10", data_dir, expected + f" (directly or in {_CIFAR_SUBDIR}/)")
+    if not (d / _CIFAR_TRAIN_FILES[0]).is_file() and (d / _CIFAR_SUBDIR).is_dir():
+        d = d / _CIFAR_SUBDIR
+    for f in _CIFAR_TRAIN_FILES + (_CIFAR_TEST_FILE,):
+        if not (d / f).is_file():
+            raise FileNotFoundError(
+                f"missing CIFAR-10 file {str(d / f)!r}; expected {expected} in data.dir or data.dir/{_CIFAR_SUBDIR}"
+            )
+    return d
+
+
+@functools.lru_cache(maxsize=1)
+def _cifar_splits_cached(directory: str, signature: tuple) -> dict:
+    del signature
+    d = Path(directory)
+    parts = [read_cifar_bin(d / f) for f in _CIFAR_TRAIN_FILES]
+    train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    return _split_train_val(train, read_cifar_bin(d / _CIFAR_TEST_FILE), d / _CIFAR_TRAIN_FILES[-1])
+
+
+def _cifar_splits(data_dir) -> dict:
+    d = _cifar_dir(data_dir)
+    files = [d / f for f in _CIFAR_TRAIN_FILES + (_CIFAR_TEST_FILE,)]
+    return _cifar_splits_cached(str(d), _signature(files))
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+@functools.lru_cache(maxsize=2)
+def _synthetic_arrays(image_size: int, channels: int, num_classes: int, num_examples: int) -> tuple:
+    rng = np.random.default_rng(0)  # fixed: every call sees the same examples
+    images = rng.standard_normal((num_examples, image_size, image_size, channels), dtype=np.float32)
+    labels = rng.integers(0, num_classes, size=num_examples, dtype=np.int32)
+    return _readonly(images, labels)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _splits(name: str, data_dir, synthetic_kw: dict) -> dict:
+    """All three splits as read-only arrays (cached; shared with the pipelines)."""
+    _check_name(name)
+    opts = _synthetic_options(synthetic_kw)
+    if name == "digits":
+        return _digits_splits()
+    if name in ("mnist", "fashion_mnist"):
+        return _idx_splits(name, data_dir)
+    if name == "cifar10":
+        return _cifar_splits(data_dir)
+    arrays = _synthetic_arrays(*opts)
+    return {s: arrays for s in SPLITS}
+
+
+def split_arrays(name: str, split: str, data_dir=None, **synthetic_kw) -> tuple:
+    """Read-only (images, labels) of a split without copying: for the pipelines."""
+    _check_split(split)
+    return _splits(name, data_dir, synthetic_kw)[split]
+
+
+def load_split(name: str, split: str, data_dir=None, **synthetic_kw) -> tuple:
+    """Raw ``(images (N, H, W, C), labels int32 (N,))`` of one split, in native pixel scale.
+
+    Returns writable copies, so callers may modify them without corrupting the
+    cache the pipelines share.
+    """
+    images, labels = split_arrays(name, split, data_dir, **synthetic_kw)
+    return images.copy(), labels.copy()
+
+
+def info(name: str, data_dir=None, *, image_size: int = 32, channels: int = 3, num_classes: int = 10,
+         num_examples: int = 1024) -> DatasetInfo:
+    """Static facts of data set ``name``. File-backed sets read (and validate) their files.
+
+    ``image_size``, ``channels``, ``num_classes`` and ``num_examples`` only apply to
+    ``synthetic`` and are ignored otherwise.
+    """
+    kw = dict(image_size=image_size, channels=channels, num_classes=num_classes, num_examples=num_examples)
+    splits = _splits(name, data_dir, kw)
+    sizes = {s: int(len(splits[s][1])) for s in SPLITS}
+    shape = tuple(int(d) for d in splits["train"][0].shape[1:])
+    if name == "digits":
+        train = splits["train"][0].astype(np.float64)
+        mean, std = (float(train.mean()),), (float(train.std()),)
+        n_cls = _NUM_CLASSES
+    elif name in _IDX_STATS:
+        mean, std = _IDX_STATS[name]
+        n_cls = _NUM_CLASSES
+    elif name == "cifar10":
+        mean, std = _CIFAR_MEAN, _CIFAR_STD
+        n_cls = _NUM_CLASSES
+    else:
+        c = shape[-1]
+        mean, std = (0.0,) * c, (1.0,) * c
+        n_cls = _synthetic_options(kw)[2]
+    return DatasetInfo(name=name, image_shape=shape, num_classes=n_cls, split_sizes=sizes,
+                       mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
+
+def normalize(images, info: DatasetInfo) -> np.ndarray:
+    """``(raw - mean) / std`` per channel as float32.
+
+    Accepts ``(N, H, W, C)``, or ``(N, H, W)`` when C == 1 (the channel axis is
+    added), so ``predict`` can take raw pixels in the data set's native scale.
+    """
+    x = np.asarray(images)
+    h, w, c = info.image_shape
+    if x.ndim == 3 and c == 1 and x.shape[1:] == (h, w):
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[1:] != (h, w, c):
+        alt = f" or (N, {h}, {w})" if c == 1 else ""
+        raise ValueError(
+            f"images for data set {info.name!r} must have shape (N, {h}, {w}, {c}){alt}; got {tuple(x.shape)}"
+        )
+    mean = np.asarray(info.mean, dtype=np.float32)
+    std = np.asarray(info.std, dtype=np.float32)
+    return (x.astype(np.float32) - mean) / std

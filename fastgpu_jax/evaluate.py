@@ -1,0 +1,80 @@
+"""Evaluation and inference from a workdir: rebuild the model from ``config.json``, restore the newest
+good checkpoint, run over a split (``evaluate``) or over user images (``predict``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import jax
+import numpy as np
+
+from fastgpu_jax import checkpoint, config as config_lib, data, steps
+from fastgpu_jax.builders import build_state, data_kwargs, dataset_info
+
+
+def run_eval(eval_fn, state, batches: Iterable[dict], place=lambda b: b) -> dict:
+    """Aggregates ``eval_fn`` sums over ``batches`` exactly (float64 on the host)."""
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    pending = [eval_fn(state, place(b)) for b in batches]
+    for m in jax.device_get(pending):
+        for k in totals:
+            totals[k] += float(m[k])
+    n = max(totals["count"], 1.0)
+    return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(totals["count"])}
+
+
+def load_run_config(workdir: str):
+    """The validated config of the run in ``workdir`` (from its ``config.json``)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: '{workdir}' is not a fastgpu_jax workdir (train first)")
+    with open(path) as f:
+        return config_lib.from_flat_dict(json.load(f)["config"])
+
+
+def restore_state(workdir: str, cfg=None):
+    """(cfg, state, step): the newest good checkpoint of ``workdir`` restored into a fresh state."""
+    cfg = cfg or load_run_config(workdir)
+    state = build_state(cfg)
+    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    try:
+        restored = ckpt.restore_latest(state)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first")
+    state, _, _, step = restored
+    return cfg, state, step
+
+
+def evaluate(workdir: str, split: str = "test", *, data_dir: str | None = None) -> dict:
+    """{"split", "step", "loss", "accuracy", "count"} of the newest checkpoint on ``split`` (val|test)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split {split!r} is unknown; use train, val or test")
+    cfg, state, step = restore_state(workdir)
+    d = cfg.data
+    batches = data.eval_batches(d.name, split, batch_size=d.eval_batch_size, data_dir=data_dir or d.dir,
+                                **data_kwargs(cfg))
+    metrics = run_eval(jax.jit(steps.eval_step), state, batches)
+    return {"split": split, "step": step, **metrics}
+
+
+def predict(workdir: str, images: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+    """Logits (N, num_classes) for raw ``images`` in the data set's native pixel scale (e.g. MNIST 0..255,
+    digits 0..16), shaped (N, H, W, C) or (N, H, W) for one channel. Normalisation is applied here."""
+    cfg, state, _ = restore_state(workdir)
+    info = dataset_info(cfg)
+    x = data.normalize(np.asarray(images), info)
+    bs = batch_size or cfg.data.eval_batch_size
+    fn = jax.jit(steps.predict_step)
+    out = []
+    for start in range(0, len(x), bs):
+        chunk = x[start:start + bs]
+        pad = bs - len(chunk)  # pad the last batch so the function compiles once
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(fn(state, chunk))[: bs - pad])
+    return np.concatenate(out) if out else np.zeros((0, cfg.model.num_classes), np.float32)
+

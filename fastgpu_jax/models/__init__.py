@@ -1,0 +1,45 @@
+"""Model registry: ``build(name, num_classes=..., ...)`` returns a flax.linen Module.
+
+Every model maps ``(images (N, H, W, C), train: bool) -> logits (N, num_classes)`` and is built from
+``fastgpu_jax.nn`` layers, so the op backend applies to all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from fastgpu_jax.models.cnn import CNN, MLP
+from fastgpu_jax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50
+
+_REGISTRY: dict[str, Callable[..., Any]] = {
+    "cnn": lambda num_classes, width, dropout_rate, stem, dtype: CNN(num_classes, width, dropout_rate, dtype),
+    "mlp": lambda num_classes, width, dropout_rate, stem, dtype: MLP(num_classes, width, dropout_rate, dtype),
+    "resnet18": lambda num_classes, width, dropout_rate, stem, dtype: ResNet18(
+        num_classes=num_classes, width=width, stem=stem, dtype=dtype),
+    "resnet34": lambda num_classes, width, dropout_rate, stem, dtype: ResNet34(
+        num_classes=num_classes, width=width, stem=stem, dtype=dtype),
+    "resnet50": lambda num_classes, width, dropout_rate, stem, dtype: ResNet50(
+        num_classes=num_classes, width=width, stem=stem, dtype=dtype),
+}
+
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def register(name: str, factory: Callable[..., Any]) -> None:
+    """Adds a model: ``factory(num_classes, width, dropout_rate, stem, dtype) -> nn.Module``."""
+    _REGISTRY[name] = factory
+
+
+def build(name: str, *, num_classes: int = 10, width: int | None = None, dropout_rate: float = 0.0,
+          stem: str = "imagenet", dtype: Any = jnp.float32):
+    """The model ``name``; ``width`` None means the model's usual width (cnn 32, mlp 256, resnet 64)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model {name!r} is unknown; known models: {', '.join(_REGISTRY)}")
+    if width is None:
+        width = {"cnn": 32, "mlp": 256}.get(name, 64)
+    return _REGISTRY[name](num_classes, width, dropout_rate, stem, dtype)
+
+
+__all__ = ["CNN", "MLP", "ResNet", "ResNet18", "ResNet34", "ResNet50", "MODEL_NAMES", "build", "register"]

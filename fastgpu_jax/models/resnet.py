@@ -1,0 +1,91 @@
+"""ResNet-18/34/50 (v1.5: stride on the 3x3 conv of bottleneck blocks) with BatchNorm.
+
+``stem="imagenet"``: 7x7/2 conv + 3x3/2 max-pool (224x224 inputs); ``stem="cifar"``: one 3x3/1 conv, no pool
+(32x32 inputs). Parameter count of ResNet-50 on 1000 classes: 25,557,032, as torchvision's.
+BatchNorm runs in float32 statistics whatever the compute dtype; the last BN of each residual branch is
+zero-initialised (a common trick that helps large-batch training; set ``zero_init_residual=False`` to undo).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fastgpu_jax.nn import Conv, Dense
+
+
+class BasicBlock(nn.Module):
+    filters: int
+    strides: int
+    conv: Any
+    norm: Any
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (3, 3), self.strides)(x)
+        y = nn.relu(self.norm()(y))
+        y = self.conv(self.filters, (3, 3))(y)
+        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+        if residual.shape != y.shape:
+            residual = self.norm(name="proj_bn")(
+                self.conv(self.filters, (1, 1), self.strides, name="proj_conv")(residual))
+        return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+    filters: int
+    strides: int
+    conv: Any
+    norm: Any
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+        y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+        y = self.conv(4 * self.filters, (1, 1))(y)
+        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+        if residual.shape != y.shape:
+            residual = self.norm(name="proj_bn")(
+                self.conv(4 * self.filters, (1, 1), self.strides, name="proj_conv")(residual))
+        return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+    stage_sizes: Sequence[int]
+    block: Any
+    num_classes: int = 1000
+    width: int = 64
+    stem: str = "imagenet"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
+                                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 dtype=self.dtype, param_dtype=jnp.float32)
+        x = x.astype(self.dtype)
+        if self.stem == "imagenet":
+            x = conv(self.width, (7, 7), 2, padding=((3, 3), (3, 3)), name="stem_conv")(x)
+            x = nn.relu(norm(name="stem_bn")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        elif self.stem == "cifar":
+            x = nn.relu(norm(name="stem_bn")(conv(self.width, (3, 3), name="stem_conv")(x)))
+        else:
+            raise ValueError(f"ResNet stem {self.stem!r} is unknown; use imagenet or cifar")
+        for i, size in enumerate(self.stage_sizes):
+            for j in range(size):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = self.block(self.width * 2 ** i, strides, conv=conv, norm=norm, name=f"stage{i}_block{j}")(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BottleneckBlock)

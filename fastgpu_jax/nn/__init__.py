@@ -1,0 +1,6 @@
+"""Layers whose ops dispatch to XLA or Pallas: ``Dense``, ``Conv``, ``use_backend``."""
+
+from fastgpu_jax.nn.backend import BACKENDS, default_backend, resolve, use_backend
+from fastgpu_jax.nn.layers import Conv, Dense
+
+__all__ = ["BACKENDS", "Conv", "Dense", "default_backend", "resolve", "use_backend"]

@@ -1,0 +1,84 @@
+"""TrainState: everything a training step reads and writes, as one pytree.
+
+Array fields (saved in checkpoints): ``step``, ``params``, ``batch_stats`` (empty dict for models without
+BatchNorm), ``opt_state``, ``rng`` (the run's base key; the key of step s is ``fold_in(rng, s)``, so dropout
+does not depend on how many steps ran in this process), ``loss_scale`` and ``good_steps`` (dynamic loss
+scaling, float16 only; 1.0 and 0 otherwise). Static fields (not saved): ``apply_fn``, ``tx``, ``lr_fn`` and
+``options``, which are rebuilt from the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How a train step runs; static (changing one re-traces the step)."""
+
+    grad_accum_steps: int = 1
+    precision: str = "float32"  # compute dtype; params stay float32
+    nan_policy: str = "stop"  # both skip a non-finite update; "stop" makes the loop raise
+    loss_scale_period: int = 2000  # float16: good steps before the loss scale doubles
+
+    @property
+    def dynamic_loss_scale(self) -> bool:
+        return self.precision == "float16"
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    loss_scale: jax.Array
+    good_steps: jax.Array
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    lr_fn: Callable = flax.struct.field(pytree_node=False)
+    options: StepOptions = flax.struct.field(pytree_node=False, default=StepOptions())
+
+    @property
+    def variables(self) -> dict:
+        """The flax variables dict for ``apply_fn``."""
+        if self.batch_stats:
+            return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params}
+
+
+def create_train_state(model, tx: optax.GradientTransformation, *, seed: int, input_shape: tuple,
+                       lr_fn: Callable | None = None, options: StepOptions = StepOptions(),
+                       loss_scale_init: float = 2.0 ** 15) -> TrainState:
+    """Initialises params (float32) from ``seed`` on an all-zeros batch of ``input_shape`` (N, H, W, C)."""
+    base = jax.random.PRNGKey(seed)
+    init_key, _ = jax.random.split(base)
+
+    @jax.jit
+    def _init():
+        return model.init({"params": init_key, "dropout": init_key}, jnp.zeros(input_shape, jnp.float32),
+                          train=False)
+
+    variables = _init()
+    params = variables["params"]
+    return TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=base,
+        loss_scale=jnp.asarray(loss_scale_init if options.dynamic_loss_scale else 1.0, jnp.float32),
+        good_steps=jnp.asarray(0, jnp.int32),
+        apply_fn=model.apply,
+        tx=tx,
+        lr_fn=lr_fn or (lambda step: jnp.nan),
+        options=options,
+    )

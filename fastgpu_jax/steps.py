@@ -1,0 +1,129 @@
+"""Pure train and eval steps. No I/O, no globals, no config: the strategy decides how they are jitted.
+
+    train_step(state, batch, rng=None) -> (state, metrics)
+    eval_step(state, batch) -> metrics
+
+``batch`` is ``{"image": (B, H, W, C) float32, "label": (B,) int32}`` (+ ``"mask"`` (B,) for eval, 0 on
+padding rows). Train metrics are per-step means; eval metrics are sums (``loss_sum``, ``correct``, ``count``)
+so that batches of any size aggregate exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from fastgpu_jax.state import TrainState
+
+
+def cross_entropy(logits, labels):
+    """Per-example softmax cross-entropy, computed in float32 whatever the compute dtype."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def compute_metrics(logits, labels, mask=None) -> dict:
+    """Summed loss, correct predictions and example count (mask weights rows; None means all ones)."""
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    loss = cross_entropy(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+def _loss_and_grads(state: TrainState, params, batch_stats, batch, rng):
+    """Gradient of the (loss-scaled) mean loss on one micro-batch, and the new BatchNorm stats."""
+    has_bn = bool(batch_stats)
+
+    def loss_fn(p):
+        variables = {"params": p, "batch_stats": batch_stats} if has_bn else {"params": p}
+        out = state.apply_fn(variables, batch["image"], train=True, rngs={"dropout": rng},
+                             mutable=["batch_stats"] if has_bn else False)
+        logits, updates = out if has_bn else (out, {})
+        loss = jnp.mean(cross_entropy(logits, batch["label"]))
+        return loss * state.loss_scale, (loss, logits, updates.get("batch_stats", batch_stats))
+
+    grads, (loss, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(params)
+    correct = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    return grads, loss, correct, new_stats
+
+
+def _accumulated_grads(state: TrainState, batch, rng):
+    """Mean gradient over ``grad_accum_steps`` micro-batches, scanned so memory stays flat."""
+    k = state.options.grad_accum_steps
+    if k == 1:
+        return _loss_and_grads(state, state.params, state.batch_stats, batch, rng)
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+    def body(carry, inputs):
+        grad_sum, stats, loss_sum, correct_sum = carry
+        i, mb = inputs
+        g, loss, correct, stats = _loss_and_grads(state, state.params, stats, mb, jax.random.fold_in(rng, i))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, g)
+        return (grad_sum, stats, loss_sum + loss, correct_sum + correct), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grad_sum, stats, loss_sum, correct_sum), _ = lax.scan(body, init, (jnp.arange(k), micro))
+    return jax.tree.map(lambda g: g / k, grad_sum), loss_sum / k, correct_sum / k, stats
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _next_loss_scale(state: TrainState, grads_finite):
+    """Dynamic loss scaling (float16): halve on overflow, double after ``loss_scale_period`` good steps."""
+    if not state.options.dynamic_loss_scale:
+        return state.loss_scale, state.good_steps
+    good = jnp.where(grads_finite, state.good_steps + 1, 0)
+    grow = good >= state.options.loss_scale_period
+    scale = jnp.where(grads_finite, jnp.where(grow, state.loss_scale * 2, state.loss_scale),
+                      jnp.maximum(state.loss_scale / 2, 1.0))
+    return scale, jnp.where(grow, 0, good)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
+    """One optimizer update on ``batch``. A non-finite gradient or loss skips the update (state advances
+    ``step`` only) and is reported in ``metrics["nonfinite"]``; under float16 an overflow only shrinks the
+    loss scale and is not reported as non-finite unless the loss itself is.
+    """
+    rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
+    grads, loss, accuracy, new_stats = _accumulated_grads(state, batch, rng)
+    grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
+    grads_finite = _all_finite(grads)
+    loss_finite = jnp.isfinite(loss)
+    ok = grads_finite & loss_finite
+    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    scale, good = _next_loss_scale(state, grads_finite)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        batch_stats=keep(new_stats, state.batch_stats),
+        loss_scale=scale,
+        good_steps=good,
+    )
+    reported_bad = ~loss_finite if state.options.dynamic_loss_scale else ~ok
+    metrics = {
+        "loss": loss,
+        "accuracy": accuracy,
+        "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
+        "grad_norm": optax.global_norm(grads),
+        "loss_scale": state.loss_scale,
+        "nonfinite": reported_bad.astype(jnp.int32),
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+    """Summed loss / correct / count over the real (mask=1) rows of ``batch``."""
+    logits = state.apply_fn(state.variables, batch["image"], train=False)
+    return compute_metrics(logits, batch["label"], batch.get("mask"))
+
+
+def predict_step(state: TrainState, images) -> jax.Array:
+    """Logits (float32) for ``images``, inference mode."""
+    return state.apply_fn(state.variables, images, train=False).astype(jnp.float32)

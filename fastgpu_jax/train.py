@@ -1,0 +1,187 @@
+"""The training loop, top to bottom: config -> mesh -> data -> state (fresh or restored) -> steps -> logs,
+evaluations and checkpoints.
+
+``train(cfg, workdir)`` resumes from ``workdir/checkpoints`` when it holds one, and a resumed run ends
+bit-identical to an uninterrupted one: the batch of step s is a pure function of (seed, s), the dropout key
+of step s is ``fold_in(rng, s)``, the data-iterator position and the not-yet-logged metrics of the current
+log window are saved with the state, and ``metrics.jsonl`` is cut back to the restored step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+
+import jax
+import numpy as np
+
+from fastgpu_jax import checkpoint, config as config_lib, data, nn, parallel, steps
+from fastgpu_jax.builders import build_state, data_kwargs, dataset_info
+from fastgpu_jax.evaluate import run_eval
+from fastgpu_jax.writers import MetricWriter
+
+_PACKAGES = ("fastgpu_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+
+
+def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
+    """Trains (or resumes) the run described by ``cfg`` in ``workdir``; returns the final metrics.
+
+    ``allow_config_change=True`` resumes even if keys that change the computation differ from the
+    checkpointed run's config (otherwise that is an error naming the keys).
+    """
+    if isinstance(cfg, str):
+        cfg = config_lib.load_config(cfg)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _set_determinism(cfg.train.deterministic)
+    t = cfg.train
+
+    mesh = parallel.make_mesh(cfg.parallel.mesh)
+    strategy = parallel.get_strategy(cfg.parallel.strategy, mesh)
+    info = dataset_info(cfg)
+    train_iter = data.train_iterator(cfg.data.name, batch_size=cfg.data.batch_size, seed=cfg.seed,
+                                     data_dir=cfg.data.dir, augment=cfg.data.augment,
+                                     process_index=jax.process_index(), process_count=jax.process_count(),
+                                     **data_kwargs(cfg))
+
+    state = build_state(cfg, info)
+    ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
+    if ckpt.steps():
+        _check_resumable(cfg, workdir, allow_config_change)
+    restored = ckpt.restore_latest(state)
+    start, pending = 0, []
+    if restored is not None:
+        state, data_state, loop_state, start = restored
+        train_iter.set_state(data_state)
+        pending = loop_state["pending"]
+    _write_run_info(cfg, workdir, mesh)
+
+    writer = MetricWriter(workdir, total_steps=t.steps, initial_step=start, tensorboard=cfg.log.tensorboard,
+                          progress_bar=cfg.log.progress_bar, enabled=jax.process_index() == 0)
+    writer.truncate_after(start)
+    writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
+                 f"({cfg.model.name} on {cfg.data.name}, {jax.device_count()} {jax.devices()[0].platform} "
+                 f"device(s), backend {cfg.model.backend})")
+
+    state = strategy.place_state(state)
+    train_fn = strategy.compile_train(steps.train_step)
+    eval_fn = strategy.compile_eval(steps.eval_step)
+    last_train, last_eval = {}, {}
+    window_start, window_steps = time.perf_counter(), 0
+
+    with nn.default_backend(cfg.model.backend):
+        for step in range(start + 1, t.steps + 1):
+            batch = strategy.place_batch(next(train_iter))
+            state, metrics = train_fn(state, batch)
+            pending.append(metrics)  # device arrays: no host sync until the log step
+            window_steps += 1
+            writer.progress(step)
+
+            if step % t.log_every_steps == 0 or step == t.steps:
+                pending = _host_rows(pending)
+                elapsed = time.perf_counter() - window_start
+                last_train = _summarise(pending, cfg, first_step=step - len(pending) + 1)
+                last_train["ms_per_step"] = 1000 * elapsed / max(window_steps, 1)
+                last_train["examples_per_s"] = cfg.data.batch_size * window_steps / max(elapsed, 1e-9)
+                writer.write(step, "train", last_train)
+                pending, window_start, window_steps = [], time.perf_counter(), 0
+
+            if (t.eval_every_steps and step % t.eval_every_steps == 0) or step == t.steps:
+                last_eval = _evaluate(eval_fn, state, strategy, cfg, t.eval_split)
+                writer.write(step, t.eval_split, last_eval)
+
+            if step % t.checkpoint_every_steps == 0 or step == t.steps:
+                pending = _host_rows(pending)
+                ckpt.save(step, state, train_iter.get_state(), {"pending": pending})
+
+    ckpt.close()
+    writer.close()
+    return {"step": int(jax.device_get(state.step)), "workdir": workdir, "train": last_train,
+            t.eval_split: last_eval}
+
+
+def _host_rows(pending: list) -> list[dict]:
+    """Per-step metrics as plain Python floats (exact for float32), so they survive a JSON checkpoint."""
+    return [{k: float(v) for k, v in row.items()} for row in jax.device_get(pending)]
+
+
+def _summarise(rows: list[dict], cfg, first_step: int) -> dict:
+    """Means over the log window (float64); non-finite steps are counted and, with nan_policy=stop, fatal."""
+    bad = [first_step + i for i, r in enumerate(rows) if r["nonfinite"]]
+    if bad and cfg.train.nan_policy == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {bad[0]} (train.nan_policy=stop); that update was skipped "
+            f"and checkpoints are intact. Lower optimizer.lr, set optimizer.grad_clip_norm, or use "
+            f"train.nan_policy=skip")
+    out = {k: float(np.mean([r[k] for r in rows])) for k in ("loss", "accuracy", "grad_norm")}
+    out["lr"] = rows[-1]["lr"]
+    if cfg.train.precision == "float16":
+        out["loss_scale"] = rows[-1]["loss_scale"]
+    if bad:
+        out["nonfinite_steps"] = len(bad)
+    return out
+
+
+def _evaluate(eval_fn, state, strategy, cfg, split: str) -> dict:
+    start = time.perf_counter()
+    batches = data.eval_batches(cfg.data.name, split, batch_size=cfg.data.eval_batch_size,
+                                data_dir=cfg.data.dir, **data_kwargs(cfg))
+    out = run_eval(eval_fn, state, batches, place=strategy.place_batch)
+    out.pop("count")
+    out["eval_seconds"] = time.perf_counter() - start
+    return out
+
+
+def _check_resumable(cfg, workdir: str, allow: bool) -> None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)["config"]
+    changed = config_lib.changed_keys(old, config_lib.to_flat_dict(cfg))
+    if changed and not allow:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config_lib.to_flat_dict(cfg).get(k)!r}" for k in changed)
+        raise config_lib.ConfigError(
+            f"{workdir} holds a run with a different config ({diffs}); resuming would silently change it. "
+            f"Use a new workdir, or pass --allow-config-change to resume anyway")
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _write_run_info(cfg, workdir: str, mesh) -> None:
+    """config.json: resolved config, command line, package versions, devices and mesh (process 0)."""
+    if jax.process_index() != 0:
+        return
+    info = {
+        "config": config_lib.to_flat_dict(cfg),
+        "command": sys.argv,
+        "versions": _versions(),
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "mesh": dict(mesh.shape),
+        "process_count": jax.process_count(),
+    }
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def _set_determinism(deterministic: bool) -> None:
+    """``train.deterministic``: XLA's deterministic GPU ops (must be set before the GPU backend starts;
+    CPU runs are deterministic anyway)."""
+    flag = "--xla_gpu_deterministic_ops=true"
+    if deterministic and flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
