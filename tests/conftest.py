@@ -1,0 +1,35 @@
+"""Shared test helpers. Everything runs on CPU; multi-device tests start their own subprocesses."""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits_cnn.py")
+
+
+def run_cli(*args, check=True, timeout=600, env=None):
+    """Runs ``python -m fastgpu_jax ARGS`` in a subprocess; returns the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "fastgpu_jax", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fastgpu-jax {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def quick_digits():
+    """A validated tiny digits config (pass extra overrides as arguments)."""
+    import fastgpu_jax as fg
+
+    def make(*overrides):
+        base = ["log.tensorboard=False", "log.progress_bar=False"]
+        return fg.load_config(DIGITS + ":quick", overrides=base + list(overrides))
+
+    return make
