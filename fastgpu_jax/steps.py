@@ -111,7 +111,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
         "loss": loss,
         "accuracy": accuracy,
         "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "loss_scale": state.loss_scale,
         "nonfinite": reported_bad.astype(jnp.int32),
     }

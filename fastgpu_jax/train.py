@@ -96,7 +96,8 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
 
             if step % t.checkpoint_every_steps == 0 or step == t.steps:
                 pending = _host_rows(pending)
-                ckpt.save(step, state, train_iter.get_state(), {"pending": pending})
+                # A copy: the save is asynchronous and the loop goes on appending to `pending`.
+                ckpt.save(step, state, train_iter.get_state(), {"pending": list(pending)})
 
     ckpt.close()
     writer.close()
