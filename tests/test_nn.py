@@ -125,7 +125,12 @@ def test_params_and_outputs_match_flax(kind, case):
         _close(apply_ours(v_bias, x), apply_ref(v_bias, x), dtype)
 
 
-@pytest.mark.parametrize("kind, case", ALL_CASES)
+GRAD_CASES = [p for p in ALL_CASES if p.id in {
+    "dense-3d_BTD", "dense-no_bias", "dense-bf16", "conv-k3x5_stride2_valid", "conv-pad_pairs_stride2",
+    "conv-dilation2", "conv-groups2", "conv-no_bias", "conv-unbatched_hwc", "conv-bf16_stride2_groups"}]
+
+
+@pytest.mark.parametrize("kind, case", GRAD_CASES)
 def test_gradients_match_flax(kind, case):
     ours, ref = _pair(kind, case["kw"])
     dtype = case["kw"].get("dtype", jnp.float32)
