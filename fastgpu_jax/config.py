@@ -97,11 +97,13 @@ SCHEMA: dict[str, Key] = {
                              help="dp, fsdp and pmap arrive with the parallel layer"),
     "parallel.mesh": Key("", _STR, help="e.g. 'data=8' (empty: all devices on the data axis)"),
     "parallel.coordinator": Key("", _STR),
-    "parallel.num_processes": Key(1, _INT, check=_positive, rule="> 0"),
+    "parallel.num_processes": Key(1, _INT, check=lambda v: v == 1,
+                                  rule="1 (multi-host runs arrive with the parallel layer)"),
     "parallel.process_id": Key(0, _INT, check=_non_negative, rule=">= 0"),
     # logging
     "log.tensorboard": Key(True, _BOOL),
-    "log.wandb": Key(False, _BOOL),
+    "log.wandb": Key(False, _BOOL, check=lambda v: v is False,
+                     rule="False (no Weights & Biases writer in this version)"),
     "log.progress_bar": Key(True, _BOOL, help="tqdm bar on a TTY; plain lines otherwise"),
 }
 

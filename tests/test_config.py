@@ -1,12 +1,14 @@
 """Config loading, overrides, validation and freezing."""
 
+import ast
+import os
 import textwrap
 
 import pytest
 
 import fastgpu_jax as fg
 from fastgpu_jax import config as C
-from conftest import DIGITS
+from conftest import DIGITS, ROOT
 
 
 def test_defaults_file_and_overrides_merge():
@@ -93,3 +95,23 @@ def test_flat_round_trip_and_changed_keys():
     assert C.changed_keys(flat, other) == ["optimizer.lr"]  # logging cadence may change on resume
     longer = dict(flat, **{"train.steps": flat["train.steps"] + 1})
     assert C.changed_keys(flat, longer) == ["train.steps"]  # the cosine schedule spans train.steps
+
+
+CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_file_loads_and_documents_its_run(name):
+    path = os.path.join(ROOT, "configs", name)
+    overrides = ["data.dir=/data"] if name.startswith(("mnist", "cifar")) else []
+    cfg = fg.load_config(path, overrides=overrides)
+    assert cfg.model.name in C.MODEL_NAMES
+    doc = ast.get_docstring(ast.parse(open(path).read()))
+    assert doc and "fastgpu-jax train --config configs/" + name in doc
+
+
+def test_features_of_later_versions_are_refused_clearly():
+    for override, key in (("log.wandb=True", "log.wandb"), ("parallel.num_processes=2", "parallel.num_processes"),
+                          ("parallel.strategy=dp", "parallel.strategy")):
+        with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+            fg.load_config(DIGITS, overrides=[override])

@@ -24,8 +24,11 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(mesh_spec: str = "", devices=None) -> Mesh:
-    """A mesh over ``devices`` (default: all) shaped by ``mesh_spec`` (see ``parse_mesh``)."""
+def make_mesh(mesh_spec="", devices=None) -> Mesh:
+    """A mesh over ``devices`` (default: all) shaped by ``mesh_spec`` (see ``parse_mesh``); a config may
+    be passed instead of the spec (its ``parallel.mesh`` is used)."""
+    if not isinstance(mesh_spec, str):
+        mesh_spec = mesh_spec.parallel.mesh
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh(mesh_spec, len(devices))
     shape = tuple(sizes[a] for a in AXES)
