@@ -10,7 +10,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
-from fastgpu_jax import checkpoint, config as config_lib, data, steps
+from fastgpu_jax import checkpoint, config as config_lib, data, nn, steps
 from fastgpu_jax.builders import build_state, data_kwargs, dataset_info
 
 
@@ -57,7 +57,8 @@ def evaluate(workdir: str, split: str = "test", *, data_dir: str | None = None) 
     d = cfg.data
     batches = data.eval_batches(d.name, split, batch_size=d.eval_batch_size, data_dir=data_dir or d.dir,
                                 **data_kwargs(cfg))
-    metrics = run_eval(jax.jit(steps.eval_step), state, batches)
+    with nn.default_backend(cfg.model.backend):  # the run's op backend, as in training
+        metrics = run_eval(jax.jit(steps.eval_step), state, batches)
     return {"split": split, "step": step, **metrics}
 
 
@@ -69,12 +70,15 @@ def predict(workdir: str, images: np.ndarray, *, batch_size: int | None = None) 
     x = data.normalize(np.asarray(images), info)
     bs = batch_size or cfg.data.eval_batch_size
     fn = jax.jit(steps.predict_step)
-    out = []
-    for start in range(0, len(x), bs):
-        chunk = x[start:start + bs]
-        pad = bs - len(chunk)  # pad the last batch so the function compiles once
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(fn(state, chunk))[: bs - pad])
+    with nn.default_backend(cfg.model.backend):
+        out = [_predict_chunk(fn, state, x[start:start + bs], bs) for start in range(0, len(x), bs)]
     return np.concatenate(out) if out else np.zeros((0, cfg.model.num_classes), np.float32)
+
+
+def _predict_chunk(fn, state, chunk: np.ndarray, bs: int) -> np.ndarray:
+    pad = bs - len(chunk)  # pad the last batch so the function compiles once
+    if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    return np.asarray(fn(state, chunk))[: bs - pad]
+
 
