@@ -124,12 +124,12 @@ def test_resnet_last_bn_of_each_branch_is_zero_initialised(small_resnet):
     np.testing.assert_array_equal(params["stem_bn"]["scale"], 1.0)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="resnet.py's docstring offers zero_init_residual=False, but ResNet has no such field")
 def test_resnet_zero_init_residual_can_be_turned_off():
     model = models.ResNet18(num_classes=10, stem="cifar", width=8, zero_init_residual=False)
-    params = _abstract_init(model, (1, 32, 32, 3))["params"]
-    assert params is not None
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    blocks = [k for k in params if k.startswith("stage")]
+    for k in blocks:
+        np.testing.assert_array_equal(params[k]["BatchNorm_1"]["scale"], 1.0)
 
 
 # --- BatchNorm state --------------------------------------------------------------------------------

@@ -17,11 +17,16 @@ import jax.numpy as jnp
 from fastgpu_jax.nn import Conv, Dense
 
 
+def _last_bn_init(zero_init_residual: bool):
+    return nn.initializers.zeros_init() if zero_init_residual else nn.initializers.ones_init()
+
+
 class BasicBlock(nn.Module):
     filters: int
     strides: int
     conv: Any
     norm: Any
+    zero_init_residual: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -29,7 +34,7 @@ class BasicBlock(nn.Module):
         y = self.conv(self.filters, (3, 3), self.strides)(x)
         y = nn.relu(self.norm()(y))
         y = self.conv(self.filters, (3, 3))(y)
-        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+        y = self.norm(scale_init=_last_bn_init(self.zero_init_residual))(y)
         if residual.shape != y.shape:
             residual = self.norm(name="proj_bn")(
                 self.conv(self.filters, (1, 1), self.strides, name="proj_conv")(residual))
@@ -41,6 +46,7 @@ class BottleneckBlock(nn.Module):
     strides: int
     conv: Any
     norm: Any
+    zero_init_residual: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -48,7 +54,7 @@ class BottleneckBlock(nn.Module):
         y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
         y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
         y = self.conv(4 * self.filters, (1, 1))(y)
-        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+        y = self.norm(scale_init=_last_bn_init(self.zero_init_residual))(y)
         if residual.shape != y.shape:
             residual = self.norm(name="proj_bn")(
                 self.conv(4 * self.filters, (1, 1), self.strides, name="proj_conv")(residual))
@@ -62,6 +68,7 @@ class ResNet(nn.Module):
     width: int = 64
     stem: str = "imagenet"
     dtype: Any = jnp.float32
+    zero_init_residual: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -81,7 +88,8 @@ class ResNet(nn.Module):
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = self.block(self.width * 2 ** i, strides, conv=conv, norm=norm, name=f"stage{i}_block{j}")(x)
+                x = self.block(self.width * 2 ** i, strides, conv=conv, norm=norm,
+                               zero_init_residual=self.zero_init_residual, name=f"stage{i}_block{j}")(x)
         x = jnp.mean(x, axis=(1, 2))
         return Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
