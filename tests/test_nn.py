@@ -328,17 +328,6 @@ def test_pallas_without_kernel_raises_not_implemented(monkeypatch, op, how):
     assert loads  # it tried to import the kernels before giving up
 
 
-@pytest.mark.parametrize("op", B.OPS)
-def test_shipped_version_has_no_pallas_kernel(op):
-    """This version ships no kernel: the real lazy import registers nothing and pallas raises."""
-    B._load_kernels()
-    if "pallas" in B._IMPLS[op]:
-        pytest.skip(f"a pallas kernel for {op} is registered now")
-    layer, x = _module_and_input(op, "pallas")
-    with pytest.raises(NotImplementedError, match=op):
-        layer.init(KEY, x)
-
-
 @pytest.mark.parametrize("bad", ["cuda", "XLA", "triton", ""])
 def test_unknown_backend_raises_value_error_naming_choices(bad):
     def check(err):

@@ -1,0 +1,198 @@
+"""Block sizes for the kernels: a table keyed by (GPU kind, op, shape class), with overrides.
+
+Precedence for the blocks a kernel uses: the call's ``blocks=`` argument > ``with use_blocks(...)`` >
+entries loaded from a JSON table (``load_table``, e.g. written by ``autotune``; config ``model.pallas_tuning``)
+> the built-in ``TABLE`` below. Whatever is chosen is then clamped to the problem (a block never exceeds the
+next power of two of its dimension, and never goes below 16, the Triton dot minimum), so tiny shapes in
+tests stay tiny.
+
+``FASTER_THAN_XLA`` holds (GPU kind, op, shape class) entries where a benchmark *measured* Pallas faster
+than XLA; ``auto`` picks Pallas only there. It is empty until a GPU run fills it (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Iterator, Sequence
+
+import jax
+
+from fastgpu_jax.pallas_kernels.lowering import next_pow2
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulBlocks:
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBlocks:
+    """Implicit-GEMM conv: ``block_w`` output pixels along a row x ``block_n`` output channels per program,
+    reducing ``block_k`` input channels at a time."""
+
+    block_w: int = 32
+    block_n: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+_KINDS = ("H200", "H100", "A100", "L4", "cpu")
+
+
+def device_kind() -> str:
+    """'H100', 'H200', 'A100', ... or 'cpu'; 'default' for an unknown GPU."""
+    kind = jax.devices()[0].device_kind
+    if jax.default_backend() == "cpu":
+        return "cpu"
+    return next((k for k in _KINDS if k.lower() in kind.lower()), "default")
+
+
+def matmul_shape_class(m: int, n: int, k: int) -> str:
+    if min(m, n) >= 2048 and k >= 1024:
+        return "large"
+    if min(m, n) >= 256:
+        return "medium"
+    return "small"
+
+
+def conv_shape_class(out_width: int, cin: int, cout: int) -> str:
+    if out_width >= 32 and min(cin, cout) >= 64:
+        return "large"
+    if min(cin, cout) >= 32:
+        return "medium"
+    return "small"
+
+
+# (GPU kind, op, shape class) -> blocks. "default" rows apply to any kind without its own row.
+TABLE: dict[tuple[str, str, str], MatmulBlocks | ConvBlocks] = {
+    ("default", "matmul", "large"): MatmulBlocks(128, 128, 32, 4, 3),
+    ("default", "matmul", "medium"): MatmulBlocks(128, 128, 32, 4, 3),
+    ("default", "matmul", "small"): MatmulBlocks(64, 64, 32, 4, 2),
+    # The H100 probe in JAX_NOTES: 128x256x64, 8 warps, 3 stages reached 1.08x XLA at 4096^3.
+    ("H100", "matmul", "large"): MatmulBlocks(128, 256, 64, 8, 3),
+    ("H100", "matmul", "medium"): MatmulBlocks(128, 128, 64, 4, 3),
+    ("H200", "matmul", "large"): MatmulBlocks(128, 256, 64, 8, 3),
+    ("H200", "matmul", "medium"): MatmulBlocks(128, 128, 64, 4, 3),
+    ("default", "conv2d", "large"): ConvBlocks(64, 64, 32, 4, 3),
+    ("default", "conv2d", "medium"): ConvBlocks(32, 64, 32, 4, 2),
+    ("default", "conv2d", "small"): ConvBlocks(16, 32, 16, 4, 2),
+    ("H100", "conv2d", "large"): ConvBlocks(64, 128, 64, 8, 3),
+    ("H200", "conv2d", "large"): ConvBlocks(64, 128, 64, 8, 3),
+}
+
+FASTER_THAN_XLA: dict[tuple[str, str, str], bool] = {}
+
+_LOADED: dict[tuple[str, str, str], MatmulBlocks | ConvBlocks] = {}
+_override: contextvars.ContextVar[dict] = contextvars.ContextVar("fastgpu_blocks", default={})
+
+
+@contextlib.contextmanager
+def use_blocks(*, matmul: MatmulBlocks | None = None, conv2d: ConvBlocks | None = None) -> Iterator[None]:
+    """Kernels traced inside the block use these blocks (unless a call passes ``blocks=``)."""
+    new = dict(_override.get())
+    new.update({k: v for k, v in (("matmul", matmul), ("conv2d", conv2d)) if v is not None})
+    token = _override.set(new)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _lookup(op: str, shape_class: str):
+    kind = device_kind()
+    for key in ((kind, op, shape_class), ("default", op, shape_class)):
+        if key in _LOADED:
+            return _LOADED[key]
+        if key in TABLE:
+            return TABLE[key]
+    raise KeyError(f"no tuning entry for op {op!r}, shape class {shape_class!r}")
+
+
+def _clamp(block: int, dim: int) -> int:
+    return max(16, min(block, next_pow2(dim)))
+
+
+def matmul_blocks(m: int, n: int, k: int, blocks: MatmulBlocks | None = None) -> MatmulBlocks:
+    """The blocks a matmul of (m, k) @ (k, n) uses."""
+    b = blocks or _override.get().get("matmul") or _lookup("matmul", matmul_shape_class(m, n, k))
+    return dataclasses.replace(b, block_m=_clamp(b.block_m, m), block_n=_clamp(b.block_n, n),
+                               block_k=_clamp(b.block_k, k))
+
+
+def conv_blocks(out_width: int, cin: int, cout: int, blocks: ConvBlocks | None = None) -> ConvBlocks:
+    """The blocks a conv with ``out_width`` output columns, ``cin`` -> ``cout`` channels uses."""
+    b = blocks or _override.get().get("conv2d") or _lookup("conv2d", conv_shape_class(out_width, cin, cout))
+    return dataclasses.replace(b, block_w=_clamp(b.block_w, out_width), block_n=_clamp(b.block_n, cout),
+                               block_k=_clamp(b.block_k, cin))
+
+
+def pallas_is_faster(op: str, shape_class: str) -> bool:
+    """True only where a benchmark measured Pallas faster than XLA on this GPU kind."""
+    return FASTER_THAN_XLA.get((device_kind(), op, shape_class), False)
+
+
+def load_table(path: str) -> None:
+    """Merges a JSON table (as written by ``save_table``) over the built-in one."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tuning table {path} not found (expected a JSON file written by save_table)")
+    with open(path) as f:
+        rows = json.load(f)
+    for row in rows.get("blocks", []):
+        cls = MatmulBlocks if row["op"] == "matmul" else ConvBlocks
+        _LOADED[(row["kind"], row["op"], row["shape_class"])] = cls(**row["blocks"])
+    for row in rows.get("faster_than_xla", []):
+        FASTER_THAN_XLA[(row["kind"], row["op"], row["shape_class"])] = bool(row["faster"])
+
+
+def save_table(path: str) -> None:
+    """Writes the loaded/autotuned entries and the measured faster-than-XLA flags to ``path``."""
+    rows = {
+        "blocks": [{"kind": k, "op": o, "shape_class": s, "blocks": dataclasses.asdict(b)}
+                   for (k, o, s), b in _LOADED.items()],
+        "faster_than_xla": [{"kind": k, "op": o, "shape_class": s, "faster": v}
+                            for (k, o, s), v in FASTER_THAN_XLA.items()],
+    }
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=2)
+
+
+def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 10) -> float:
+    """Median seconds per call of ``fn(*args)`` after ``warmup`` calls (blocks until ready)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def autotune(op: str, shape_class: str, candidates: Sequence, make_fn: Callable, *args,
+             iters: int = 10) -> tuple:
+    """Times ``make_fn(blocks)(*args)`` for each candidate on this GPU, records the winner for
+    (this GPU kind, op, shape_class) and returns (best blocks, {blocks: seconds}). Candidates that fail to
+    compile are skipped."""
+    if jax.default_backend() == "cpu":
+        raise RuntimeError("autotune times kernels on a GPU; on CPU the kernels run in interpret mode")
+    timings = {}
+    for blocks in candidates:
+        try:
+            timings[blocks] = time_fn(jax.jit(make_fn(blocks)), *args, iters=iters)
+        except Exception:  # noqa: BLE001 - a candidate that does not compile is just not a winner
+            continue
+    if not timings:
+        raise RuntimeError(f"no candidate blocks compiled for {op} ({shape_class})")
+    best = min(timings, key=timings.get)
+    _LOADED[(device_kind(), op, shape_class)] = best
+    return best, timings

@@ -1,0 +1,149 @@
+"""Pallas matmul (interpret mode on CPU) against jnp: forward, gradients, tuning, CUDA lowering."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastgpu_jax.pallas_kernels import tuning
+from fastgpu_jax.pallas_kernels.matmul import matmul
+
+ACT = {None: lambda z: z, "relu": jax.nn.relu, "gelu": jax.nn.gelu}
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def _ref(a, b, bias, activation, out_dtype=None):
+    z = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision="highest")
+    if bias is not None:
+        z = z + bias.astype(jnp.float32)
+    return ACT[activation](z).astype(out_dtype or a.dtype)
+
+
+def _rand(rng, shape, dtype):
+    return jnp.asarray(rng.normal(size=shape), dtype)
+
+
+def _close(x, y, dtype):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    scale = max(1.0, float(np.abs(y).max()))
+    np.testing.assert_allclose(x, y, atol=TOL[dtype] * scale, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 33, 5), (64, 32, 64), (100, 70, 130), (17, 257, 19)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("activation, with_bias", [(None, False), ("relu", True), ("gelu", True)])
+def test_forward_matches_jnp(m, k, n, dtype, activation, with_bias):
+    rng = np.random.default_rng(m * 1000 + n)
+    a, b = _rand(rng, (m, k), dtype), _rand(rng, (k, n), dtype)
+    bias = _rand(rng, (n,), dtype) if with_bias else None
+    y = matmul(a, b, bias, activation)
+    assert y.shape == (m, n) and y.dtype == dtype
+    _close(y, _ref(a, b, bias, activation), dtype)
+
+
+def test_leading_batch_dims_and_out_dtype():
+    rng = np.random.default_rng(1)
+    a, b = _rand(rng, (2, 3, 9, 40), jnp.bfloat16), _rand(rng, (40, 24), jnp.bfloat16)
+    y = matmul(a, b, out_dtype=jnp.float32)
+    assert y.shape == (2, 3, 9, 24) and y.dtype == jnp.float32
+    _close(y, _ref(a, b, None, None, jnp.float32), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("m, k, n", [(37, 50, 70), (5, 130, 18)])
+def test_gradients_match_jnp(m, k, n, activation, dtype):
+    rng = np.random.default_rng(7)
+    a, b, bias = _rand(rng, (m, k), dtype), _rand(rng, (k, n), dtype), _rand(rng, (n,), dtype)
+    w = _rand(rng, (m, n), jnp.float32)
+    loss = lambda f: lambda *x: jnp.sum(f(*x).astype(jnp.float32) * w)  # noqa: E731
+    got = jax.grad(loss(lambda a, b, c: matmul(a, b, c, activation)), argnums=(0, 1, 2))(a, b, bias)
+    want = jax.grad(loss(lambda a, b, c: _ref(a, b, c, activation)), argnums=(0, 1, 2))(a, b, bias)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype
+        _close(g, r, dtype)
+
+
+def test_gradient_without_bias_and_under_jit():
+    rng = np.random.default_rng(3)
+    a, b = _rand(rng, (2, 11, 20), jnp.float32), _rand(rng, (20, 30), jnp.float32)
+    f = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(matmul(a, b))), argnums=(0, 1)))
+    g = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(a @ b)), argnums=(0, 1)))
+    for x, y in zip(f(a, b), g(a, b)):
+        _close(x, y, jnp.float32)
+
+
+def test_block_overrides_change_blocks_not_results():
+    rng = np.random.default_rng(4)
+    a, b = _rand(rng, (70, 90), jnp.float32), _rand(rng, (90, 50), jnp.float32)
+    base = matmul(a, b)
+    small = tuning.MatmulBlocks(16, 16, 16, 2, 1)
+    np.testing.assert_allclose(matmul(a, b, blocks=small), base, rtol=1e-5, atol=1e-5)
+    with tuning.use_blocks(matmul=small):
+        assert tuning.matmul_blocks(70, 50, 90) == small
+        np.testing.assert_allclose(matmul(a, b), base, rtol=1e-5, atol=1e-5)
+    assert tuning.matmul_blocks(70, 50, 90) != small
+
+
+def test_blocks_are_clamped_to_the_problem():
+    b = tuning.matmul_blocks(5, 3000, 20, tuning.MatmulBlocks(128, 256, 64, 8, 3))
+    assert (b.block_m, b.block_n, b.block_k) == (16, 256, 32)
+
+
+def test_tuning_table_round_trips_through_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "_LOADED", {})
+    monkeypatch.setattr(tuning, "FASTER_THAN_XLA", {})
+    tuning._LOADED[("cpu", "matmul", "small")] = tuning.MatmulBlocks(16, 32, 16, 2, 2)
+    tuning.FASTER_THAN_XLA[("cpu", "matmul", "small")] = True
+    tuning.save_table(str(tmp_path / "t.json"))
+    tuning._LOADED.clear()
+    tuning.FASTER_THAN_XLA.clear()
+    tuning.load_table(str(tmp_path / "t.json"))
+    assert tuning.matmul_blocks(16, 32, 16) == tuning.MatmulBlocks(16, 32, 16, 2, 2)
+    assert tuning.pallas_is_faster("matmul", "small")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        tuning.load_table(str(tmp_path / "nope.json"))
+
+
+def test_autotune_refuses_cpu():
+    with pytest.raises(RuntimeError, match="GPU"):
+        tuning.autotune("matmul", "small", [tuning.MatmulBlocks()], lambda b: (lambda x: x), jnp.ones(2))
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match=r"\(3, 4\) and \(5, 6\)"):
+        matmul(jnp.ones((3, 4)), jnp.ones((5, 6)))
+    with pytest.raises(ValueError, match="activation"):
+        matmul(jnp.ones((3, 4)), jnp.ones((4, 6)), activation="tanh")
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+        matmul(jnp.ones((3, 4)), jnp.ones((4, 6)), jnp.ones((5,)))
+
+
+MATMUL_ENTRIES = [(k, v) for k, v in tuning.TABLE.items() if k[1] == "matmul"]
+
+
+@pytest.mark.parametrize("entry", MATMUL_ENTRIES, ids=lambda e: "-".join(e[0]))
+@pytest.mark.parametrize("dtype, activation", [(jnp.bfloat16, "gelu"), (jnp.float32, "relu")])
+def test_every_tuning_entry_lowers_for_cuda(entry, dtype, activation):
+    """Triton lowering rules (power-of-2 blocks, dot dims >= 16) checked from CPU, forward and backward."""
+    _, blocks = entry
+    m, k, n = 2 * blocks.block_m + 3, 3 * blocks.block_k + 5, 2 * blocks.block_n - 7
+
+    def f(a, b, bias):
+        y, vjp = jax.vjp(lambda *x: matmul(*x, activation, blocks=blocks, interpret=False), a, b, bias)
+        return y, vjp(y)
+
+    args = (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n), dtype),
+            jax.ShapeDtypeStruct((n,), dtype))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") >= 4  # fwd + 3 backward
+
+
+def test_a_non_power_of_two_block_is_caught_by_cuda_lowering():
+    bad = dataclasses.replace(tuning.MatmulBlocks(), block_m=48)
+    args = (jax.ShapeDtypeStruct((96, 64), jnp.float32), jax.ShapeDtypeStruct((64, 64), jnp.float32))
+    with pytest.raises(Exception, match="power of 2"):
+        jax.jit(lambda a, b: matmul(a, b, blocks=bad, interpret=False)).trace(*args).lower(
+            lowering_platforms=("cuda",))
