@@ -50,6 +50,14 @@ def step_options(cfg) -> StepOptions:
                        loss_scale_period=t.loss_scale_period)
 
 
+def apply_kernel_tuning(cfg) -> None:
+    """Loads ``model.pallas_tuning`` (a block-size table) into the kernels' tuning, if set."""
+    if cfg.model.pallas_tuning:
+        from fastgpu_jax.pallas_kernels import tuning
+
+        tuning.load_table(cfg.model.pallas_tuning)
+
+
 def build_state(cfg, info: data.DatasetInfo | None = None) -> TrainState:
     """A freshly initialised TrainState for ``cfg`` (params from ``cfg.seed``)."""
     info = info or dataset_info(cfg)

@@ -4,6 +4,7 @@
     fastgpu-jax eval    --workdir runs/digits [--split test]          # last stdout line: one JSON object
     fastgpu-jax predict --workdir runs/digits --input x.npy [--output y.npy] [--logits]
     fastgpu-jax plot    --workdir runs/digits                         # writes runs/digits/curves.png
+    fastgpu-jax bench   --kernels [--tiny] [--json out.json]          # Pallas vs XLA TFLOP/s table
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("plot", help="write curves.png (loss/accuracy vs step) into the workdir")
     g.add_argument("--workdir", required=True)
     g.add_argument("--output", default=None)
+    b = sub.add_parser("bench", help="benchmarks: --kernels prints Pallas vs XLA TFLOP/s per shape")
+    b.add_argument("--kernels", action="store_true", required=True,
+                   help="kernel sweep (the model benchmark arrives with a later version)")
+    b.add_argument("--tiny", action="store_true", default=None, help="small shapes (default on CPU)")
+    b.add_argument("--iters", type=int, default=None)
+    b.add_argument("--ops", default="matmul,conv", help="comma list of matmul, conv")
+    b.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return p
 
 
@@ -79,6 +87,11 @@ def _run(args, extra: list[str]) -> int:
         else:
             print(" ".join(map(str, result.tolist())) if not args.logits else result)
         print(json.dumps({"input": args.input, "count": int(len(logits)), "output": args.output}))
+    elif args.command == "bench":
+        from fastgpu_jax.bench import run_kernel_benchmarks
+
+        run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json,
+                              ops=tuple(o.strip() for o in args.ops.split(",") if o.strip()))
     elif args.command == "plot":
         print(json.dumps({"plot": fg.plot_curves(args.workdir, args.output)}))
     return 0

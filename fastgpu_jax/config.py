@@ -65,6 +65,7 @@ SCHEMA: dict[str, Key] = {
     "model.name": Key("cnn", _STR, choices=MODEL_NAMES),
     "model.num_classes": Key(10, _INT, check=lambda v: v >= 2, rule=">= 2"),
     "model.backend": Key("xla", _STR, choices=("xla", "pallas", "auto")),
+    "model.pallas_tuning": Key("", _STR, help="JSON block-size table (pallas_kernels.tuning.save_table)"),
     "model.width": Key(0, _INT, check=_non_negative, rule=">= 0 (0: the model's usual width)",
                        help="base channels (cnn 32, resnet 64) or hidden units (mlp 256)"),
     "model.stem": Key("imagenet", _STR, choices=("imagenet", "cifar"), help="resnet stem"),
@@ -112,6 +113,8 @@ RESUMABLE_CHANGES = frozenset({
     "train.steps", "train.log_every_steps", "train.eval_every_steps", "train.eval_split",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "data.dir", "data.eval_batch_size",
     "log.tensorboard", "log.wandb", "log.progress_bar",
+    # Same math within dtype tolerance (tested): a run may resume on the other op backend.
+    "model.backend", "model.pallas_tuning",
 })
 
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from fastgpu_jax import checkpoint, config as config_lib, data, nn, steps
-from fastgpu_jax.builders import build_state, data_kwargs, dataset_info
+from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info
 
 
 def run_eval(eval_fn, state, batches: Iterable[dict], place=lambda b: b) -> dict:
@@ -37,6 +37,7 @@ def load_run_config(workdir: str):
 def restore_state(workdir: str, cfg=None):
     """(cfg, state, step): the newest good checkpoint of ``workdir`` restored into a fresh state."""
     cfg = cfg or load_run_config(workdir)
+    apply_kernel_tuning(cfg)
     state = build_state(cfg)
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
     try:

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from fastgpu_jax import checkpoint, config as config_lib, data, nn, parallel, steps
-from fastgpu_jax.builders import build_state, data_kwargs, dataset_info
+from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info
 from fastgpu_jax.evaluate import run_eval
 from fastgpu_jax.writers import MetricWriter
 
@@ -38,6 +38,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     _set_determinism(cfg.train.deterministic)
+    apply_kernel_tuning(cfg)
     t = cfg.train
 
     mesh = parallel.make_mesh(cfg.parallel.mesh)

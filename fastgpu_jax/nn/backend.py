@@ -16,6 +16,7 @@ Build (or re-jit) the step after changing the backend.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import contextvars
 from typing import Callable, Iterator
 
@@ -75,11 +76,51 @@ def register(op: str, backend: str, fn: Callable, auto_rule: Callable[..., bool]
 
 
 def _load_kernels() -> None:
-    """Imports the Pallas kernels lazily so that the xla path never pays for them."""
+    """Imports the Pallas kernels lazily (the xla path never pays for them) and registers them here.
+
+    The kernels know nothing of this module: the adapters below map the op signatures onto them.
+    """
+    if "pallas" in _IMPLS["matmul"]:
+        return
+    pk_matmul = importlib.import_module("fastgpu_jax.pallas_kernels.matmul")
+    pk_conv2d = importlib.import_module("fastgpu_jax.pallas_kernels.conv2d")
+    tuning = importlib.import_module("fastgpu_jax.pallas_kernels.tuning")
+
+    def pallas_matmul(x, kernel, *, precision=None, preferred_element_type=None):
+        return pk_matmul.matmul(x, kernel, out_dtype=preferred_element_type)
+
+    def pallas_conv2d(x, kernel, **kwargs):
+        return pk_conv2d.conv2d(x, kernel, **kwargs)
+
+    def matmul_faster(shape, dtype):
+        (x_shape, (k, n)) = shape
+        m = 1
+        for d in x_shape[:-1]:
+            m *= d
+        return tuning.pallas_is_faster("matmul", tuning.matmul_shape_class(m, n, k))
+
+    def conv_faster(shape, dtype, strides, feature_group_count, **_):
+        (_, _, w, cin), (_, _, _, cout) = shape
+        return feature_group_count == 1 and tuning.pallas_is_faster(
+            "conv2d", tuning.conv_shape_class(w // strides[1], cin, cout))
+
+    register("matmul", "pallas", pallas_matmul, auto_rule=matmul_faster)
+    register("conv2d", "pallas", pallas_conv2d, auto_rule=conv_faster)
+
+
+_recording: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastgpu_record", default=None)
+
+
+@contextlib.contextmanager
+def record_ops() -> Iterator[list]:
+    """Records every op traced inside the block as (op, backend, shape_info): for benchmarks and FLOP
+    counts, e.g. ``with record_ops() as calls: jax.eval_shape(model.init, key, x)``."""
+    calls: list = []
+    token = _recording.set(calls)
     try:
-        import fastgpu_jax.pallas_kernels  # noqa: F401  (registers itself)
-    except ImportError:
-        pass
+        yield calls
+    finally:
+        _recording.reset(token)
 
 
 def _pick(op: str, module_backend: str | None, **shape_info) -> Callable:
@@ -94,8 +135,10 @@ def _pick(op: str, module_backend: str | None, **shape_info) -> Callable:
     if name == "pallas" and "pallas" not in _IMPLS[op]:
         _load_kernels()
         if "pallas" not in _IMPLS[op]:
-            raise NotImplementedError(
-                f"backend 'pallas' has no kernel for op '{op}' in this version; use model.backend=xla")
+            raise NotImplementedError(f"backend 'pallas' has no kernel for op '{op}'; use model.backend=xla")
+    calls = _recording.get()
+    if calls is not None:
+        calls.append((op, name, shape_info))
     return _IMPLS[op][name]
 
 
@@ -129,6 +172,6 @@ def conv2d(x, kernel, *, strides=(1, 1), padding="SAME", dilation=(1, 1), featur
            backend: str | None = None, **kwargs):
     """NHWC x, HWIO kernel -> NHWC, on the resolved backend. ``padding``: SAME, VALID or ((lo, hi), (lo, hi))."""
     fn = _pick("conv2d", backend, shape=(x.shape, kernel.shape), dtype=x.dtype, strides=tuple(strides),
-               feature_group_count=feature_group_count)
+               feature_group_count=feature_group_count, padding=padding, dilation=tuple(dilation))
     return fn(x, kernel, strides=tuple(strides), padding=padding, dilation=tuple(dilation),
               feature_group_count=feature_group_count, **kwargs)

@@ -1,5 +1,17 @@
-"""Pallas GPU kernels (matmul, conv2d). Kernels register themselves with ``fastgpu_jax.nn.backend``.
+"""Pallas GPU kernels: pure functions on arrays (no Flax, no configs, no sharding).
 
-No kernel ships in this version yet: ``model.backend=pallas`` raises a clear NotImplementedError, and
-``auto`` resolves to XLA.
+    matmul(a, b, bias=None, activation=None)                       # (..., K) @ (K, N), fused epilogue
+    conv2d(x, w, strides=(1, 1), padding="SAME", dilation=(1, 1))  # NHWC x HWIO, implicit GEMM
+
+Both are differentiable (``jax.custom_vjp`` with Pallas backward kernels), take any shape (padding to block
+multiples inside), accept float32 and bfloat16 with float32 accumulation, and take block sizes from
+``tuning`` (overridable per call with ``blocks=``). On CPU they run in Pallas interpret mode. The layers in
+``fastgpu_jax.nn`` reach them through ``nn/backend.py``; the backend imports these kernels only
+when a ``pallas`` or ``auto`` op is first traced.
 """
+
+from fastgpu_jax.pallas_kernels import lowering, tuning
+from fastgpu_jax.pallas_kernels.conv2d import conv2d
+from fastgpu_jax.pallas_kernels.matmul import matmul
+
+__all__ = ["conv2d", "lowering", "matmul", "tuning"]

@@ -1,0 +1,29 @@
+"""The kernel benchmark runs (tiny, interpret mode) and covers the shapes it promises."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+from fastgpu_jax import bench, models
+
+
+def test_resnet50_conv_list_covers_every_conv_kernel_shape():
+    convs = bench.resnet50_convs(batch=2, image=64)
+    model = models.build("resnet50", num_classes=1000)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3))))["params"]
+    kernels = {leaf.shape for leaf in jax.tree.leaves(params) if leaf.ndim == 4}
+    assert {c["w"] for c in convs} == kernels
+    keys = [(c["x"], c["w"], c["strides"]) for c in convs]
+    assert len(keys) == len(set(keys))  # distinct
+    assert any(c["w"][:2] == (7, 7) and c["strides"] == (2, 2) for c in convs)  # the stem
+
+
+def test_tiny_matmul_sweep_prints_a_table_and_json(tmp_path, capsys):
+    rows = bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(tmp_path / "b.json"))
+    out = capsys.readouterr().out
+    assert len(rows) == len(bench.MATMUL_SHAPES)
+    assert "geometric mean" in out and "square 8192" in out
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert len(saved["rows"]) == len(rows) and all(r["xla_s"] > 0 and r["pallas_s"] > 0 for r in saved["rows"])
+    assert bench.geomean([2.0, 0.5]) == 1.0

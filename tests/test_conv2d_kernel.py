@@ -1,0 +1,190 @@
+"""The Pallas conv2d kernels (CPU interpret mode) against lax.conv_general_dilated, and their CUDA lowering.
+
+Shapes are small and deliberately not block multiples, so the padding/slicing glue is exercised too.
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fastgpu_jax.pallas_kernels import tuning
+from fastgpu_jax.pallas_kernels.conv2d import conv2d
+
+# The package re-exports the functions under the module names, so fetch the modules themselves.
+conv_mod = importlib.import_module("fastgpu_jax.pallas_kernels.conv2d")
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def ref_conv(x, w, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_group_count=1):
+    return lax.conv_general_dilated(x, w, window_strides=strides, padding=padding, rhs_dilation=dilation,
+                                    dimension_numbers=DN, feature_group_count=feature_group_count,
+                                    precision=lax.Precision.HIGHEST)
+
+
+def make(x_shape, w_shape, dtype=jnp.float32, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(kx, x_shape, jnp.float32).astype(dtype),
+            jax.random.normal(kw, w_shape, jnp.float32).astype(dtype))
+
+
+def assert_close(got, want, rel):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=rel, atol=rel * max(1.0, float(np.abs(want).max())))
+
+
+# (x shape, w shape, conv kwargs): kernel sizes 1, 3, (3, 2), 5; strides 1, 2, (2, 1); all paddings; dilation.
+FORWARD_CASES = [
+    ((2, 7, 7, 5), (3, 3, 5, 7), dict()),
+    ((2, 8, 8, 3), (3, 3, 3, 20), dict(padding="VALID")),
+    ((2, 9, 8, 5), (3, 3, 5, 6), dict(strides=(2, 2))),
+    ((2, 9, 9, 4), (3, 3, 4, 6), dict(strides=(2, 2), padding="VALID")),
+    ((2, 9, 7, 4), (3, 3, 4, 5), dict(strides=(2, 1), padding=((1, 2), (0, 1)))),
+    ((2, 7, 8, 6), (3, 2, 6, 5), dict()),
+    ((2, 8, 7, 3), (3, 2, 3, 17), dict(strides=(2, 2), padding=((2, 0), (1, 3)))),
+    ((2, 9, 8, 4), (3, 3, 4, 6), dict(dilation=(2, 2))),
+    ((2, 9, 9, 4), (3, 3, 4, 6), dict(dilation=(2, 1), strides=(2, 2), padding="VALID")),
+    ((2, 9, 7, 4), (5, 5, 4, 3), dict(strides=(2, 2), padding=((2, 1), (0, 3)))),
+    ((2, 6, 7, 5), (3, 3, 5, 4), dict(padding=((-1, 2), (3, -1)))),
+    ((2, 7, 6, 5), (1, 1, 5, 9), dict()),
+    ((2, 7, 6, 5), (1, 1, 5, 9), dict(strides=(2, 2), padding=((1, 0), (0, 2)))),
+]
+
+
+def _id(case):
+    x_shape, w_shape, kwargs = case
+    return f"k{w_shape[0]}x{w_shape[1]}-" + "-".join(f"{k}{v}" for k, v in kwargs.items()).replace(" ", "")
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=_id)
+def test_forward_f32_matches_lax(case):
+    x_shape, w_shape, kwargs = case
+    x, w = make(x_shape, w_shape)
+    y = conv2d(x, w, **kwargs)
+    assert y.dtype == jnp.float32
+    assert_close(y, ref_conv(x, w, **kwargs), 1e-5)
+
+
+@pytest.mark.parametrize("case", [FORWARD_CASES[0], FORWARD_CASES[2], FORWARD_CASES[11]], ids=_id)
+def test_forward_bf16_matches_lax(case):
+    x_shape, w_shape, kwargs = case
+    x, w = make(x_shape, w_shape, jnp.bfloat16)
+    y = conv2d(x, w, **kwargs)
+    assert y.dtype == jnp.bfloat16
+    want = ref_conv(x.astype(jnp.float32), w.astype(jnp.float32), **kwargs)
+    assert_close(y, want, 2e-2)
+    y32 = conv2d(x, w, preferred_element_type=jnp.float32, **kwargs)
+    assert y32.dtype == jnp.float32
+    assert_close(y32, want, 1e-3)
+
+
+GRAD_CASES = [
+    ((2, 7, 7, 5), (3, 3, 5, 7), dict()),
+    ((2, 9, 8, 5), (3, 3, 5, 6), dict(strides=(2, 2))),
+    ((2, 9, 9, 4), (3, 2, 4, 6), dict(strides=(2, 1), padding="VALID")),
+    ((2, 9, 8, 4), (3, 3, 4, 6), dict(dilation=(2, 2), padding=((1, 3), (4, 0)))),
+    ((2, 9, 7, 4), (3, 3, 4, 3), dict(strides=(2, 2), dilation=(2, 2), padding=((3, 3), (-1, 2)))),
+    ((2, 7, 6, 5), (1, 1, 5, 9), dict(strides=(2, 2))),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=_id)
+def test_gradients_match_lax(case):
+    x_shape, w_shape, kwargs = case
+    x, w = make(x_shape, w_shape, seed=1)
+    cot = jax.random.normal(jax.random.key(2), ref_conv(x, w, **kwargs).shape)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w, **kwargs) * cot)
+
+    dx, dw = jax.jit(jax.grad(loss(conv2d), (0, 1)))(x, w)
+    rx, rw = jax.grad(loss(ref_conv), (0, 1))(x, w)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert_close(dx, rx, 1e-5)
+    assert_close(dw, rw, 1e-5)
+
+
+def test_bf16_gradients_match_lax():
+    x, w = make((2, 8, 7, 6), (3, 3, 6, 5), jnp.bfloat16, seed=3)
+    kwargs = dict(strides=(2, 2))
+    cot = jax.random.normal(jax.random.key(4), ref_conv(x, w, **kwargs).shape, jnp.bfloat16)
+    _, vjp = jax.vjp(lambda x, w: conv2d(x, w, **kwargs), x, w)
+    dx, dw = vjp(cot)
+    f32 = [a.astype(jnp.float32) for a in (x, w, cot)]
+    _, ref_vjp = jax.vjp(lambda x, w: ref_conv(x, w, **kwargs), f32[0], f32[1])
+    rx, rw = ref_vjp(f32[2])
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    assert_close(dx, rx, 3e-2)
+    assert_close(dw, rw, 3e-2)
+
+
+def test_pointwise_conv_runs_on_the_matmul_kernel(monkeypatch):
+    matmul_mod = importlib.import_module("fastgpu_jax.pallas_kernels.matmul")
+    calls = []
+    real = matmul_mod.matmul
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matmul_mod, "matmul", spy)
+    x, w = make((2, 7, 6, 5), (1, 1, 5, 9))
+    y = conv2d(x, w, strides=(2, 2), padding="VALID")
+    assert calls == [(2, 4, 3, 5)]
+    assert_close(y, ref_conv(x, w, strides=(2, 2), padding="VALID"), 1e-5)
+
+
+def test_grouped_conv_falls_back_to_lax():
+    x, w = make((2, 7, 7, 6), (3, 3, 2, 9))
+    kwargs = dict(strides=(2, 2), padding="SAME", feature_group_count=3)
+    assert_close(conv2d(x, w, **kwargs), ref_conv(x, w, **kwargs), 1e-5)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(conv2d(x, w, **kwargs) ** 2), (0, 1))(x, w)
+    rx, rw = jax.grad(lambda x, w: jnp.sum(ref_conv(x, w, **kwargs) ** 2), (0, 1))(x, w)
+    assert_close(dx, rx, 1e-5)
+    assert_close(dw, rw, 1e-5)
+
+
+def test_explicit_blocks_and_wgrad_batch_splits(monkeypatch):
+    """Several output-column blocks and channel blocks; wgrad splits that do not divide N*OH = 15 rows."""
+    x, w = make((3, 5, 37, 20), (3, 3, 20, 33), seed=5)
+    blocks = tuning.ConvBlocks(block_w=16, block_n=16, block_k=16)
+    kwargs = dict(strides=(1, 1), padding="SAME")
+    monkeypatch.setattr(conv_mod, "_WGRAD_TARGET_PROGRAMS", 200)
+    assert conv_mod._wgrad_splits(15, 9 * 2 * 3) == (4, 4)  # 9 taps x 2 Cin blocks x 3 Cout blocks
+    cot = jax.random.normal(jax.random.key(6), ref_conv(x, w, **kwargs).shape)
+    y, vjp = jax.vjp(lambda x, w: conv2d(x, w, blocks=blocks, **kwargs), x, w)
+    ry, ref_vjp = jax.vjp(lambda x, w: ref_conv(x, w, **kwargs), x, w)
+    assert_close(y, ry, 1e-5)
+    for got, want in zip(vjp(cot), ref_vjp(cot)):
+        assert_close(got, want, 1e-5)
+
+
+def test_rejects_mismatched_channels():
+    x, w = make((1, 5, 5, 4), (3, 3, 3, 2))
+    with pytest.raises(ValueError, match="channels"):
+        conv2d(x, w)
+
+
+CONV_BLOCKS = sorted({b for (_, op, _), b in tuning.TABLE.items() if op == "conv2d"},
+                     key=lambda b: tuple(vars(b).values()))
+
+
+@pytest.mark.parametrize("blocks", CONV_BLOCKS, ids=lambda b: "w{}n{}k{}".format(b.block_w, b.block_n, b.block_k))
+def test_kernels_lower_for_cuda(blocks):
+    """Forward, dgrad and wgrad with interpret=False lower through the Triton path (no GPU needed)."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for strides in ((1, 1), (2, 2)):
+            def f(x, w, strides=strides):
+                conv = lambda x, w: conv2d(x, w, strides=strides, padding="SAME", blocks=blocks,  # noqa: E731
+                                           interpret=False)
+                y, vjp = jax.vjp(conv, x, w)
+                return y, vjp(y)
+
+            args = (jax.ShapeDtypeStruct((8, 16, 64, 64), dtype), jax.ShapeDtypeStruct((3, 3, 64, 128), dtype))
+            text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("conv2d_fwd") >= 2 and "conv2d_wgrad" in text
