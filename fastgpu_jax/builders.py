@@ -29,10 +29,10 @@ def dataset_info(cfg) -> data.DatasetInfo:
     return info
 
 
-def build_model(cfg):
+def build_model(cfg, axis_name: str | None = None):
     m = cfg.model
     return models.build(m.name, num_classes=m.num_classes, width=m.width or None, dropout_rate=m.dropout_rate,
-                        stem=m.stem, dtype=PRECISIONS[cfg.train.precision])
+                        stem=m.stem, dtype=PRECISIONS[cfg.train.precision], bn_axis_name=axis_name)
 
 
 def build_optimizer(cfg):
@@ -44,10 +44,10 @@ def build_optimizer(cfg):
     return tx, lr_fn
 
 
-def step_options(cfg) -> StepOptions:
+def step_options(cfg, axis_name: str | None = None) -> StepOptions:
     t = cfg.train
     return StepOptions(grad_accum_steps=t.grad_accum_steps, precision=t.precision, nan_policy=t.nan_policy,
-                       loss_scale_period=t.loss_scale_period)
+                       loss_scale_period=t.loss_scale_period, axis_name=axis_name)
 
 
 def apply_kernel_tuning(cfg) -> None:
@@ -58,9 +58,11 @@ def apply_kernel_tuning(cfg) -> None:
         tuning.load_table(cfg.model.pallas_tuning)
 
 
-def build_state(cfg, info: data.DatasetInfo | None = None) -> TrainState:
-    """A freshly initialised TrainState for ``cfg`` (params from ``cfg.seed``)."""
+def build_state(cfg, info: data.DatasetInfo | None = None, axis_name: str | None = None) -> TrainState:
+    """A freshly initialised TrainState for ``cfg`` (params from ``cfg.seed``). ``axis_name`` is the mapped
+    axis of the dp/pmap strategies (None otherwise); it does not change the params."""
     info = info or dataset_info(cfg)
     tx, lr_fn = build_optimizer(cfg)
-    return create_train_state(build_model(cfg), tx, seed=cfg.seed, input_shape=(1,) + tuple(info.image_shape),
-                              lr_fn=lr_fn, options=step_options(cfg), loss_scale_init=cfg.train.loss_scale_init)
+    return create_train_state(build_model(cfg, axis_name), tx, seed=cfg.seed,
+                              input_shape=(1,) + tuple(info.image_shape), lr_fn=lr_fn,
+                              options=step_options(cfg, axis_name), loss_scale_init=cfg.train.loss_scale_init)

@@ -94,13 +94,16 @@ SCHEMA: dict[str, Key] = {
     "optimizer.nesterov": Key(False, _BOOL),
     "optimizer.grad_clip_norm": Key(0.0, _FLOAT, check=_non_negative, rule=">= 0 (0: off)"),
     # parallel (the multi-device strategies land with the parallel layer)
-    "parallel.strategy": Key("none", _STR, choices=("none",),
-                             help="dp, fsdp and pmap arrive with the parallel layer"),
-    "parallel.mesh": Key("", _STR, help="e.g. 'data=8' (empty: all devices on the data axis)"),
+    "parallel.strategy": Key("none", _STR, choices=("none", "dp", "fsdp", "pmap")),
+    "parallel.mesh": Key("", _STR, help="e.g. 'data=8' or 'data=2,fsdp=4' (empty: dp/pmap/none put all "
+                                        "devices on data, fsdp on fsdp)"),
     "parallel.coordinator": Key("", _STR),
-    "parallel.num_processes": Key(1, _INT, check=lambda v: v == 1,
-                                  rule="1 (multi-host runs arrive with the parallel layer)"),
+    "parallel.num_processes": Key(1, _INT, check=_positive, rule="> 0"),
     "parallel.process_id": Key(0, _INT, check=_non_negative, rule=">= 0"),
+    "parallel.init_timeout_s": Key(300, _INT, check=_positive, rule="> 0",
+                                   help="seconds to wait for every process to join"),
+    "parallel.fsdp_rules": Key(r"(kernel|embedding)$=auto", _STR,
+                               help="'regex=auto|spec;...': which params/optimizer state fsdp shards, how"),
     # logging
     "log.tensorboard": Key(True, _BOOL),
     "log.wandb": Key(False, _BOOL, check=lambda v: v is False,
@@ -113,8 +116,10 @@ RESUMABLE_CHANGES = frozenset({
     "train.steps", "train.log_every_steps", "train.eval_every_steps", "train.eval_split",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "data.dir", "data.eval_batch_size",
     "log.tensorboard", "log.wandb", "log.progress_bar",
-    # Same math within dtype tolerance (tested): a run may resume on the other op backend.
-    "model.backend", "model.pallas_tuning",
+    # Same math within float tolerance (tested): a run may resume on the other op backend, or on another
+    # device count / strategy / process layout (checkpoints reshard on restore).
+    "model.backend", "model.pallas_tuning", "parallel.strategy", "parallel.mesh", "parallel.coordinator",
+    "parallel.num_processes", "parallel.process_id", "parallel.init_timeout_s", "parallel.fsdp_rules",
 })
 
 
@@ -196,8 +201,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not dotted:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. optimizer.lr=3e-3")
     raw = raw.strip()
-    if raw in ("None", "none", "null"):
-        return dotted, None
+    key = SCHEMA.get(dotted)
+    if raw in ("None", "none", "null") and (key is None or type(None) in key.types):
+        return dotted, None  # ('none' stays a string where None is not allowed: parallel.strategy=none)
     if raw.lower() in ("true", "false"):
         return dotted, raw.lower() == "true"
     try:

@@ -28,6 +28,7 @@ class StepOptions:
     precision: str = "float32"  # compute dtype; params stay float32
     nan_policy: str = "stop"  # both skip a non-finite update; "stop" makes the loop raise
     loss_scale_period: int = 2000  # float16: good steps before the loss scale doubles
+    axis_name: str | None = None  # set by dp/pmap: gradients, metrics and eval sums are reduced over it
 
     @property
     def dynamic_loss_scale(self) -> bool:

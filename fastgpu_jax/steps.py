@@ -4,7 +4,8 @@
     eval_step(state, batch) -> metrics
 
 ``batch`` is ``{"image": (B, H, W, C) float32, "label": (B,) int32}`` (+ ``"mask"`` (B,) for eval, 0 on
-padding rows). Train metrics are per-step means; eval metrics are sums (``loss_sum``, ``correct``, ``count``)
+padding rows). When ``state.options.axis_name`` is set (dp, pmap), the steps run per device inside a mapped
+axis and reduce gradients, metrics and eval sums over it. Train metrics are per-step means; eval metrics are sums (``loss_sum``, ``correct``, ``count``)
 so that batches of any size aggregate exactly.
 """
 
@@ -88,8 +89,13 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
     ``step`` only) and is reported in ``metrics["nonfinite"]``; under float16 an overflow only shrinks the
     loss scale and is not reported as non-finite unless the loss itself is.
     """
+    axis = state.options.axis_name
     rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
+    if axis is not None:  # dp/pmap: each device draws its own dropout masks
+        rng = jax.random.fold_in(rng, lax.axis_index(axis))
     grads, loss, accuracy, new_stats = _accumulated_grads(state, batch, rng)
+    if axis is not None:  # the mean over the global batch = the mean of equal-sized shard means
+        grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis)
     grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
     grads_finite = _all_finite(grads)
     loss_finite = jnp.isfinite(loss)
@@ -121,7 +127,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Summed loss / correct / count over the real (mask=1) rows of ``batch``."""
     logits = state.apply_fn(state.variables, batch["image"], train=False)
-    return compute_metrics(logits, batch["label"], batch.get("mask"))
+    sums = compute_metrics(logits, batch["label"], batch.get("mask"))
+    axis = state.options.axis_name
+    return sums if axis is None else lax.psum(sums, axis)
 
 
 def predict_step(state: TrainState, images) -> jax.Array:

@@ -38,18 +38,22 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     _set_determinism(cfg.train.deterministic)
+    p = cfg.parallel
+    parallel.initialize(p.coordinator, p.num_processes, p.process_id, p.init_timeout_s)  # before any device use
+    jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
     apply_kernel_tuning(cfg)
     t = cfg.train
 
-    mesh = parallel.make_mesh(cfg.parallel.mesh)
-    strategy = parallel.get_strategy(cfg.parallel.strategy, mesh)
+    mesh = parallel.make_mesh(cfg)
+    strategy = parallel.get_strategy(p.strategy, mesh, batch_size=cfg.data.batch_size,
+                                     eval_batch_size=cfg.data.eval_batch_size, fsdp_rules=p.fsdp_rules)
     info = dataset_info(cfg)
     train_iter = data.train_iterator(cfg.data.name, batch_size=cfg.data.batch_size, seed=cfg.seed,
                                      data_dir=cfg.data.dir, augment=cfg.data.augment,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
                                      **data_kwargs(cfg))
 
-    state = build_state(cfg, info)
+    state = build_state(cfg, info, axis_name=strategy.axis_name)
     ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
     if ckpt.steps():
         _check_resumable(cfg, workdir, allow_config_change)
@@ -98,11 +102,11 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
             if step % t.checkpoint_every_steps == 0 or step == t.steps:
                 pending = _host_rows(pending)
                 # A copy: the save is asynchronous and the loop goes on appending to `pending`.
-                ckpt.save(step, state, train_iter.get_state(), {"pending": list(pending)})
+                ckpt.save(step, strategy.host_state(state), train_iter.get_state(), {"pending": list(pending)})
 
     ckpt.close()
     writer.close()
-    return {"step": int(jax.device_get(state.step)), "workdir": workdir, "train": last_train,
+    return {"step": int(jax.device_get(strategy.host_state(state).step)), "workdir": workdir, "train": last_train,
             t.eval_split: last_eval}
 
 
@@ -132,7 +136,7 @@ def _evaluate(eval_fn, state, strategy, cfg, split: str) -> dict:
     start = time.perf_counter()
     batches = data.eval_batches(cfg.data.name, split, batch_size=cfg.data.eval_batch_size,
                                 data_dir=cfg.data.dir, **data_kwargs(cfg))
-    out = run_eval(eval_fn, state, batches, place=strategy.place_batch)
+    out = run_eval(eval_fn, state, batches, place=lambda b: strategy.place_batch(b, is_global=True))
     out.pop("count")
     out["eval_seconds"] = time.perf_counter() - start
     return out
@@ -173,6 +177,7 @@ def _write_run_info(cfg, workdir: str, mesh) -> None:
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "mesh": dict(mesh.shape),
+        "strategy": cfg.parallel.strategy,
         "process_count": jax.process_count(),
     }
     tmp = os.path.join(workdir, "config.json.tmp")

@@ -69,13 +69,14 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     dtype: Any = jnp.float32
     zero_init_residual: bool = True
+    bn_axis_name: str | None = None  # dp/pmap: BatchNorm statistics averaged over this mapped axis
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=self.dtype, param_dtype=jnp.float32)
+                                 dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name)
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
             x = conv(self.width, (7, 7), 2, padding=((3, 3), (3, 3)), name="stem_conv")(x)
