@@ -1,0 +1,46 @@
+"""Runs in a subprocess with N fake CPU devices (set XLA_FLAGS before jax loads): trains one config under
+several strategies and prints {strategy: train losses per step} as JSON on its last line.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_worker.py WORKDIR MODEL S1,S2,..
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fastgpu_jax as fg  # noqa: E402
+from fastgpu_jax.writers import read_metrics  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COMMON = ["train.steps=20", "train.log_every_steps=1", "train.eval_every_steps=10",
+          "train.checkpoint_every_steps=10", "log.tensorboard=False", "log.progress_bar=False",
+          "model.dropout_rate=0.0", "data.batch_size=32", "optimizer.schedule=constant"]
+MODELS = {
+    "cnn": ["model.width=16", "data.eval_batch_size=360"],
+    # Synthetic 16x16 inputs: on 8x8 digits a ResNet's last stage is 1x1 and BatchNorm over 32 values makes the
+    # curve chaotic (rounding-level differences grow), which would test the data, not the strategies.
+    "resnet": ["model.name=resnet18", "model.width=8", "model.stem=cifar", "data.name=synthetic",
+               "data.image_size=16", "data.num_examples=256", "data.eval_batch_size=128", "optimizer.name=sgd",
+               "optimizer.lr=0.01", "optimizer.momentum=0.9"],
+}
+
+
+def config(model: str, *extra: str):
+    return fg.load_config(os.path.join(ROOT, "configs", "digits_cnn.py"), COMMON + MODELS[model] + list(extra))
+
+
+def train_losses(workdir: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(workdir) if r["split"] == "train"]
+
+
+if __name__ == "__main__":
+    root, model, strategies = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    out = {}
+    for strategy in strategies:
+        workdir = os.path.join(root, f"{model}-{strategy}")
+        fg.train(config(model, f"parallel.strategy={strategy}"), workdir)
+        out[strategy] = train_losses(workdir)
+    print(json.dumps(out))

@@ -1,0 +1,177 @@
+"""Sharded training on 8 fake CPU devices and 2 local processes against the single-device run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import numpy as np
+import pytest
+
+import fastgpu_jax as fg
+from fastgpu_jax import parallel
+from fastgpu_jax.writers import TIMING_KEYS, read_metrics
+from conftest import DIGITS, ROOT
+from parallel_worker import config, train_losses
+
+WORKER = os.path.join(ROOT, "tests", "parallel_worker.py")
+
+
+def _env(devices: int) -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _max_rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+def _params_rel(workdir_a, workdir_b) -> float:
+    _, a, _ = fg.restore_state(str(workdir_a))
+    _, b, _ = fg.restore_state(str(workdir_b))
+    return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12))
+               for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+def test_dp_fsdp_pmap_follow_the_single_device_curve(model, tmp_path):
+    proc = subprocess.run([sys.executable, WORKER, str(tmp_path), model, "none,dp,fsdp,pmap"], env=_env(8),
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curves = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(curves["none"]) == 20
+    for strategy in ("dp", "fsdp", "pmap"):
+        assert _max_rel(curves[strategy], curves["none"]) < 1e-5, strategy
+        assert _params_rel(tmp_path / f"{model}-{strategy}", tmp_path / f"{model}-none") < 1e-4, strategy
+    info = json.loads((tmp_path / f"{model}-fsdp" / "config.json").read_text())
+    assert info["mesh"] == {"data": 1, "fsdp": 8, "model": 1} and len(info["devices"]) == 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(workdir, overrides, steps=None):
+    cmd = [sys.executable, "-m", "fastgpu_jax", "train", "--config", DIGITS, "--workdir", str(workdir)]
+    base = config("cnn")  # the worker's shared settings, as CLI overrides
+    flat = {k: v for k, v in fg.config.to_flat_dict(base).items()}
+    for key in ("train.steps", "train.log_every_steps", "train.eval_every_steps", "train.checkpoint_every_steps",
+                "model.dropout_rate", "model.width", "data.batch_size", "data.eval_batch_size",
+                "optimizer.schedule", "log.tensorboard", "log.progress_bar"):
+        cmd.append(f"--config.{key}={flat[key]}")
+    if steps:
+        cmd.append(f"--config.train.steps={steps}")
+    return cmd + [f"--config.{o}" for o in overrides]
+
+
+def test_two_local_processes_match_the_single_process_run(tmp_path):
+    port = _free_port()
+    procs = [subprocess.Popen(_cli(tmp_path / "multi", ["parallel.strategy=dp", f"parallel.coordinator=127.0.0.1:{port}",
+                                                          "parallel.num_processes=2", f"parallel.process_id={i}"]),
+                              env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    fg.train(config("cnn"), str(tmp_path / "single"))
+    assert _max_rel(train_losses(str(tmp_path / "multi")), train_losses(str(tmp_path / "single"))) < 1e-5
+    assert _params_rel(tmp_path / "multi", tmp_path / "single") < 1e-4
+    info = json.loads((tmp_path / "multi" / "config.json").read_text())
+    assert info["process_count"] == 2 and len(info["devices"]) == 4
+
+
+def test_a_peer_that_never_joins_is_a_clear_error(tmp_path):
+    cmd = _cli(tmp_path / "alone", ["parallel.strategy=dp", f"parallel.coordinator=127.0.0.1:{_free_port()}",
+                                    "parallel.num_processes=2", "parallel.process_id=0",
+                                    "parallel.init_timeout_s=3"])
+    start = time.time()
+    proc = subprocess.run(cmd, env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 60
+    assert "parallel.init_timeout_s=3" in proc.stderr and "process 0 of 2" in proc.stderr
+
+
+def _rows(workdir):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(str(workdir))]
+
+
+def test_sigkill_and_resume_on_8_devices_is_bit_identical(tmp_path):
+    steps = 600
+    args = ["parallel.strategy=dp", "train.log_every_steps=7", "train.checkpoint_every_steps=25",
+            "train.eval_every_steps=100"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cli(ref, args, steps), env=_env(8), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cli(killed, args, steps), env=_env(8), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        rows = read_metrics(str(killed))
+        if rows and rows[-1]["step"] >= 150:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed; raise `steps`"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(_cli(killed, args, steps), env=_env(8), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    assert _rows(killed) == _rows(ref)
+    _, a, _ = fg.restore_state(str(killed))
+    _, b, _ = fg.restore_state(str(ref))
+    for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoints_reshard_8_to_4_to_1_devices(tmp_path):
+    run = tmp_path / "reshard"
+    for devices, strategy, steps in ((8, "fsdp", 10), (4, "fsdp", 20), (1, "none", 30)):
+        proc = subprocess.run(_cli(run, [f"parallel.strategy={strategy}"], steps), env=_env(devices), cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (f"resuming at step {steps - 10}" in proc.stdout) == (steps > 10)
+    info = json.loads((run / "config.json").read_text())
+    assert len(info["devices"]) == 1
+    fg.train(config("cnn", "train.steps=30"), str(tmp_path / "straight"))
+    assert _max_rel(train_losses(str(run)), train_losses(str(tmp_path / "straight"))) < 1e-5
+    assert _params_rel(run, tmp_path / "straight") < 1e-4
+
+
+def _fake_mesh(**sizes):
+    return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "model": 1, **sizes})
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: parallel.parse_mesh("data=3", 8), ["parallel.mesh='data=3'", "3 devices", "8"]),
+    (lambda: parallel.parse_mesh("dat=8", 8), ["dat=8", "data, fsdp, model"]),
+    (lambda: parallel.parse_mesh("data=0", 8), ["data=0"]),
+    (lambda: parallel.get_strategy("dp", _fake_mesh(data=8), batch_size=100),
+     ["data.batch_size=100", "8 devices"]),
+    (lambda: parallel.get_strategy("fsdp", _fake_mesh(fsdp=8), batch_size=64, eval_batch_size=100),
+     ["data.eval_batch_size=100", "8 devices"]),
+    (lambda: parallel.get_strategy("dp", _fake_mesh(data=2, fsdp=4), batch_size=64), ["strategy=dp", "fsdp"]),
+    (lambda: parallel.get_strategy("tp", _fake_mesh()), ["tp", "dp, fsdp, pmap"]),
+    (lambda: parallel.parse_rules("kernel"), ["kernel", "regex=auto"]),
+])
+def test_bad_mesh_and_batch_configs_are_clear_errors(call, words):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert "\n" not in str(err.value)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_fsdp_rules_shard_kernels_and_their_optimizer_state():
+    state = fg.build_state(config("cnn"))
+    specs = parallel.partition_specs({"params": state.params, "opt": state.opt_state},
+                                     parallel.parse_rules(r"kernel$=auto"), fsdp_size=8)
+    kernel_spec = specs["params"]["hidden"]["kernel"]
+    assert "fsdp" in tuple(kernel_spec)
+    assert tuple(specs["params"]["hidden"]["bias"]) == ()  # biases stay replicated
+    mu = [s for path, s in jax.tree_util.tree_flatten_with_path(specs["opt"])[0]
+          if "hidden" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)]
+    assert mu and all(s == kernel_spec for s in mu)
