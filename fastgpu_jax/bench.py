@@ -1,6 +1,8 @@
-"""Kernel benchmarks: Pallas vs XLA, in TFLOP/s, on the shapes that training actually runs.
+"""Benchmarks. Kernels: Pallas vs XLA in TFLOP/s on the shapes training runs. Models: the train step's time,
+examples/s, scaling over device counts, FLOPs and MFU.
 
     fastgpu-jax bench --kernels [--tiny] [--json out.json]     (also: python benchmarks/kernels.py)
+    fastgpu-jax bench --config C [--devices 1,2,4,8] [--backends xla,pallas] [--steps N] [--json out.json]
 
 Matmul: ResNet-50's classifier, ViT-B/16 projections and MLP at 256 x 197 tokens, a transformer MLP at
 8192 tokens, 4096³ and 8192³, all bf16. Conv: forward, input gradient (dgrad) and weight gradient (wgrad)
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from typing import Callable
 
 import jax
@@ -165,3 +168,138 @@ def run_kernel_benchmarks(*, tiny: bool | None = None, iters: int | None = None,
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
                        "rows": [r.as_dict() for r in rows]}, f, indent=2)
     return rows
+
+
+# --- model step benchmark: examples/s, scaling over device counts, FLOPs and MFU --------------------------
+
+# Dense bf16 peak FLOP/s per device, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclasses.dataclass
+class StepRow:
+    devices: int
+    strategy: str
+    backend: str
+    global_batch: int
+    compile_s: float
+    step_s: float
+    flops: float | None
+    peak_bytes: int | None
+    efficiency: float = float("nan")
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.global_batch / self.step_s
+
+    @property
+    def mfu(self) -> float | None:
+        peak = PEAK_FLOPS.get(tuning.device_kind())
+        return None if peak is None or not self.flops else self.flops / self.step_s / (peak * self.devices)
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "examples_per_s": self.examples_per_s, "mfu": self.mfu}
+
+
+def _step_flops(cfg, state, batch) -> float | None:
+    """FLOPs of one train step from XLA's cost analysis of the single-device program."""
+    from fastgpu_jax import steps
+
+    try:
+        cost = jax.jit(steps.train_step).lower(state, batch).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001 - cost analysis is best effort on some backends
+        return None
+
+
+def _peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def bench_step(cfg, devices: int, backend: str, steps: int) -> StepRow:
+    """Times the train step of ``cfg`` on the first ``devices`` devices, per-device batch held constant."""
+    import numpy as np
+
+    from fastgpu_jax import nn, parallel, steps as steps_lib
+    from fastgpu_jax.builders import build_state, dataset_info
+
+    strategy_name = cfg.parallel.strategy if devices > 1 or cfg.parallel.strategy == "none" else "none"
+    if devices > 1 and strategy_name == "none":
+        strategy_name = "dp"
+    mesh = parallel.make_mesh("", devices=jax.devices()[:devices],
+                              default_axis="fsdp" if strategy_name == "fsdp" else "data")
+    global_batch = cfg.data.batch_size * devices
+    strategy = parallel.get_strategy(strategy_name, mesh, batch_size=global_batch)
+    info = dataset_info(cfg)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(global_batch,) + tuple(info.image_shape)).astype(np.float32),
+             "label": rng.integers(0, cfg.model.num_classes, global_batch).astype(np.int32)}
+    host_state = build_state(cfg, info, axis_name=strategy.axis_name)
+    with nn.default_backend("xla"):  # model FLOPs, whatever backend runs them (interpret-mode Pallas is opaque)
+        flops = _step_flops(cfg, build_state(cfg, info), batch) if devices == 1 else None
+    with nn.default_backend(backend):
+        state = strategy.place_state(host_state)
+        placed = strategy.place_batch(batch, is_global=True)
+        fn = strategy.compile_train(steps_lib.train_step)
+        start = time.perf_counter()
+        state, metrics = fn(state, placed)
+        jax.block_until_ready(metrics)
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = fn(state, placed)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]
+    return StepRow(devices, strategy_name, backend, global_batch, max(first - step_s, 0.0), step_s, flops,
+                   _peak_bytes())
+
+
+def format_step_table(rows: list[StepRow]) -> str:
+    head = (f"{'devices':>7} {'strategy':>8} {'backend':>7} {'batch':>6} {'compile s':>9} {'step ms':>9} "
+            f"{'examples/s':>11} {'scaling':>7} {'GFLOP/step':>10} {'MFU':>6} {'peak MiB':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else "   n/a"
+        flops = f"{r.flops / 1e9:10.2f}" if r.flops else f"{'n/a':>10}"
+        mem = f"{r.peak_bytes / 2**20:8.0f}" if r.peak_bytes else f"{'n/a':>8}"
+        lines.append(f"{r.devices:>7} {r.strategy:>8} {r.backend:>7} {r.global_batch:>6} {r.compile_s:>9.2f} "
+                     f"{1000 * r.step_s:>9.2f} {r.examples_per_s:>11,.0f} {r.efficiency:>7.2f} {flops} {mfu} {mem}")
+    return "\n".join(lines)
+
+
+def run_model_benchmark(cfg, *, device_counts: tuple[int, ...] | None = None,
+                        backends: tuple[str, ...] = ("xla",), steps: int = 10,
+                        json_path: str | None = None) -> list[StepRow]:
+    """Step time, examples/s and scaling efficiency (examples/s at n devices / (n x at 1 device)) for each
+    device count and op backend; weak scaling: ``data.batch_size`` is the per-device batch here."""
+    available = jax.device_count()
+    counts = device_counts or tuple(n for n in (1, 2, 4, 8, 16) if n <= available)
+    if max(counts) > available:
+        raise ValueError(f"bench asked for {max(counts)} devices but {available} are available")
+    rows = []
+    for backend in backends:
+        base = None
+        for n in counts:
+            row = bench_step(cfg, n, backend, steps)
+            base = base or (row if n == 1 else None)
+            row.efficiency = row.examples_per_s / (n * base.examples_per_s) if base else float("nan")
+            rows.append(row)
+    print(f"device: {jax.devices()[0].device_kind} ({tuning.device_kind()}), jax {jax.__version__}, "
+          f"{cfg.model.name} on {cfg.data.name} {tuple(dataset_info_shape(cfg))}, precision "
+          f"{cfg.train.precision}, per-device batch {cfg.data.batch_size}, median of {steps} steps")
+    print(format_step_table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                       "rows": [r.as_dict() for r in rows]}, f, indent=2)
+    return rows
+
+
+def dataset_info_shape(cfg) -> tuple:
+    from fastgpu_jax.builders import dataset_info
+
+    return tuple(dataset_info(cfg).image_shape)

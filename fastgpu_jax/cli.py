@@ -39,9 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("plot", help="write curves.png (loss/accuracy vs step) into the workdir")
     g.add_argument("--workdir", required=True)
     g.add_argument("--output", default=None)
-    b = sub.add_parser("bench", help="benchmarks: --kernels prints Pallas vs XLA TFLOP/s per shape")
-    b.add_argument("--kernels", action="store_true", required=True,
-                   help="kernel sweep (the model benchmark arrives with a later version)")
+    b = sub.add_parser("bench", help="--kernels: Pallas vs XLA TFLOP/s per shape; --config: train-step speed, "
+                                     "scaling over device counts, MFU")
+    which = b.add_mutually_exclusive_group(required=True)
+    which.add_argument("--kernels", action="store_true", help="kernel sweep")
+    which.add_argument("--config", help="config file whose train step to time (data.batch_size per device)")
+    b.add_argument("--devices", default=None, help="comma list of device counts (default 1,2,4,.. available)")
+    b.add_argument("--backends", default="xla", help="comma list of op backends (model benchmark)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (model benchmark)")
     b.add_argument("--tiny", action="store_true", default=None, help="small shapes (default on CPU)")
     b.add_argument("--iters", type=int, default=None)
     b.add_argument("--ops", default="matmul,conv", help="comma list of matmul, conv")
@@ -88,10 +93,16 @@ def _run(args, extra: list[str]) -> int:
             print(" ".join(map(str, result.tolist())) if not args.logits else result)
         print(json.dumps({"input": args.input, "count": int(len(logits)), "output": args.output}))
     elif args.command == "bench":
-        from fastgpu_jax.bench import run_kernel_benchmarks
+        from fastgpu_jax import bench
 
-        run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json,
-                              ops=tuple(o.strip() for o in args.ops.split(",") if o.strip()))
+        split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+        if args.kernels:
+            bench.run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json, ops=split(args.ops))
+        else:
+            cfg = fg.load_config(args.config, overrides=_split_overrides(extra))
+            counts = tuple(int(n) for n in split(args.devices)) if args.devices else None
+            bench.run_model_benchmark(cfg, device_counts=counts, backends=split(args.backends),
+                                      steps=args.steps, json_path=args.json)
     elif args.command == "plot":
         print(json.dumps({"plot": fg.plot_curves(args.workdir, args.output)}))
     return 0
@@ -99,7 +110,7 @@ def _run(args, extra: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "bench"):
         _parser().error(f"unrecognized arguments: {' '.join(extra)}")
     from fastgpu_jax.config import ConfigError
 

@@ -27,3 +27,16 @@ def test_tiny_matmul_sweep_prints_a_table_and_json(tmp_path, capsys):
     saved = json.loads((tmp_path / "b.json").read_text())
     assert len(saved["rows"]) == len(rows) and all(r["xla_s"] > 0 and r["pallas_s"] > 0 for r in saved["rows"])
     assert bench.geomean([2.0, 0.5]) == 1.0
+
+
+def test_model_benchmark_times_the_step_on_cpu(capsys):
+    import fastgpu_jax as fg
+    from conftest import DIGITS
+
+    cfg = fg.load_config(DIGITS, overrides=["data.batch_size=16"])
+    rows = bench.run_model_benchmark(cfg, device_counts=(1,), steps=2)
+    out = capsys.readouterr().out
+    (row,) = rows
+    assert row.devices == 1 and row.global_batch == 16 and row.step_s > 0 and row.efficiency == 1.0
+    assert row.flops and row.flops > 0
+    assert "examples/s" in out and "scaling" in out
