@@ -5,6 +5,8 @@
     fastgpu-jax predict --workdir runs/digits --input x.npy [--output y.npy] [--logits]
     fastgpu-jax plot    --workdir runs/digits                         # writes runs/digits/curves.png
     fastgpu-jax bench   --kernels [--tiny] [--json out.json]          # Pallas vs XLA TFLOP/s table
+    fastgpu-jax quantize --workdir runs/digits [--calibrate-batches 4]  # int8 PTQ; last line: one JSON object
+    fastgpu-jax export  --workdir runs/digits --output model.msgpack [--bench]  # one-file params + config
 """
 
 from __future__ import annotations
@@ -51,6 +53,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=None)
     b.add_argument("--ops", default="matmul,conv", help="comma list of matmul, conv")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+    q = sub.add_parser("quantize", help="int8 post-training quantization of the newest checkpoint: writes "
+                                        "WORKDIR/quantized/params.msgpack, prints float vs int8 accuracy and "
+                                        "size, then one JSON object")
+    q.add_argument("--workdir", required=True)
+    q.add_argument("--calibrate-batches", type=int, default=4,
+                   help="training batches that calibrate activation scales (int8 x int8 -> int32 layers); "
+                        "0 = weight-only int8 (default 4)")
+    q.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to compare on")
+    q.add_argument("--data-dir", default=None, help="override data.dir (data moved since training)")
+
+    x = sub.add_parser("export", help="write params + batch_stats + config to ONE msgpack file (--output) "
+                                      "and/or print an inference latency table (--bench); last line: JSON")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--output", default=None, help="file to write (load it with fastgpu_jax.load_exported)")
+    x.add_argument("--bench", action="store_true",
+                   help="also time the jitted forward: median ms and images/s per batch size")
+    x.add_argument("--batch-sizes", default="1,32,256", help="comma list of batch sizes for --bench")
+    x.add_argument("--iters", type=int, default=20, help="timed calls per batch size for --bench")
     return p
 
 
@@ -103,6 +124,23 @@ def _run(args, extra: list[str]) -> int:
             counts = tuple(int(n) for n in split(args.devices)) if args.devices else None
             bench.run_model_benchmark(cfg, device_counts=counts, backends=split(args.backends),
                                       steps=args.steps, json_path=args.json)
+    elif args.command == "quantize":
+        from fastgpu_jax import quantize
+
+        result = quantize.quantize_run(args.workdir, calibrate_batches=args.calibrate_batches, split=args.split,
+                                       data_dir=args.data_dir)
+        print(quantize.format_table(result))
+        print(json.dumps(result))
+    elif args.command == "export":
+        from fastgpu_jax import inference
+
+        if not args.output and not args.bench:
+            raise ValueError("export needs --output FILE and/or --bench")
+        result = inference.export_params(args.workdir, args.output) if args.output else {"workdir": args.workdir}
+        if args.bench:
+            sizes = tuple(int(n) for n in args.batch_sizes.split(",") if n.strip())
+            result["bench"] = inference.benchmark_inference(args.workdir, batch_sizes=sizes, iters=args.iters)
+        print(json.dumps(result))
     elif args.command == "plot":
         print(json.dumps({"plot": fg.plot_curves(args.workdir, args.output)}))
     return 0

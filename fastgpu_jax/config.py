@@ -46,7 +46,8 @@ def _non_negative(v):
 _INT, _FLOAT, _STR, _BOOL = (int,), (float, int), (str,), (bool,)
 _OPT_STR = (str, type(None))
 
-MODEL_NAMES = ("cnn", "mlp", "resnet18", "resnet34", "resnet50")
+MODEL_NAMES = ("cnn", "mlp", "resnet18", "resnet34", "resnet50", "vit_ti16", "vit_s16", "vit_b16", "vit_ti4",
+               "vit_s4", "vit_b4")
 DATA_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
 
 # Shared schema and defaults. Config files set only what differs.

@@ -18,8 +18,13 @@ def make_schedule(kind: str, lr: float, steps: int, warmup_steps: int = 0) -> op
 
 
 def _decay_mask(params):
-    """Weight decay on kernels only: biases and BatchNorm scales (ndim <= 1) are not decayed."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """Weight decay on Dense/Conv ``kernel``s only: not biases, norm scales, position embeddings or tokens."""
+
+    def is_kernel(path, _):
+        last = path[-1] if path else None
+        return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9, nesterov: bool = False,

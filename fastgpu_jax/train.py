@@ -1,6 +1,10 @@
 """The training loop, top to bottom: config -> mesh -> data -> state (fresh or restored) -> steps -> logs,
 evaluations and checkpoints.
 
+Speed: the step is dispatched asynchronously and metrics stay on the device until a log step (no host sync
+in between); the next batch is fetched and sent to the devices while the current step runs (double
+buffering); the state's buffers are donated to the step.
+
 ``train(cfg, workdir)`` resumes from ``workdir/checkpoints`` when it holds one, and a resumed run ends
 bit-identical to an uninterrupted one: the batch of step s is a pure function of (seed, s), the dropout key
 of step s is ``fold_in(rng, s)``, the data-iterator position and the not-yet-logged metrics of the current
@@ -78,10 +82,17 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
     last_train, last_eval = {}, {}
     window_start, window_steps = time.perf_counter(), 0
 
+    def fetch():
+        """The next batch, already on its way to the devices, and the iterator state just after it."""
+        return strategy.place_batch(next(train_iter)), train_iter.get_state()
+
     with nn.default_backend(cfg.model.backend):
+        batch, data_state = fetch() if start < t.steps else (None, None)
         for step in range(start + 1, t.steps + 1):
-            batch = strategy.place_batch(next(train_iter))
-            state, metrics = train_fn(state, batch)
+            state, metrics = train_fn(state, batch)  # dispatched asynchronously
+            batch_state = data_state
+            if step < t.steps:  # double buffering: the next transfer overlaps this step's compute
+                batch, data_state = fetch()
             pending.append(metrics)  # device arrays: no host sync until the log step
             window_steps += 1
             writer.progress(step)
@@ -102,7 +113,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
             if step % t.checkpoint_every_steps == 0 or step == t.steps:
                 pending = _host_rows(pending)
                 # A copy: the save is asynchronous and the loop goes on appending to `pending`.
-                ckpt.save(step, strategy.host_state(state), train_iter.get_state(), {"pending": list(pending)})
+                ckpt.save(step, strategy.host_state(state), batch_state, {"pending": list(pending)})
 
     ckpt.close()
     writer.close()

@@ -156,3 +156,13 @@ def test_schedules_follow_their_formulas():
     assert float(wc(5)) == pytest.approx(1.0) and float(wc(10)) == pytest.approx(2.0)
     assert float(wc(100)) == pytest.approx(0.0, abs=1e-6)
     assert float(make_schedule("constant", 0.3, 10)(7)) == pytest.approx(0.3)
+
+
+def test_weight_decay_touches_kernels_only():
+    from fastgpu_jax.optim import _decay_mask
+
+    params = {"conv": {"kernel": jnp.ones((3, 3, 1, 4)), "bias": jnp.ones(4)}, "bn": {"scale": jnp.ones(4)},
+              "pos_embedding": jnp.ones((1, 5, 8)), "head": {"kernel": jnp.ones((8, 2))}}
+    mask = _decay_mask(params)
+    assert mask == {"conv": {"kernel": True, "bias": False}, "bn": {"scale": False}, "pos_embedding": False,
+                    "head": {"kernel": True}}

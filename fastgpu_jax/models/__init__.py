@@ -12,10 +12,19 @@ import jax.numpy as jnp
 
 from fastgpu_jax.models.cnn import CNN, MLP
 from fastgpu_jax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50
+from fastgpu_jax.models.vit import ViT, build_vit
 
 def _resnet(cls):
     def make(num_classes, width, dropout_rate, stem, dtype, bn_axis_name=None):
         return cls(num_classes=num_classes, width=width, stem=stem, dtype=dtype, bn_axis_name=bn_axis_name)
+
+    return make
+
+
+def _vit(variant, patch):
+    # ViT has no BatchNorm and a fixed width per variant: ``width``, ``stem`` and ``bn_axis_name`` are ignored.
+    def make(num_classes, width, dropout_rate, stem, dtype, bn_axis_name=None):
+        return build_vit(variant, patch, num_classes=num_classes, dropout_rate=dropout_rate, dtype=dtype)
 
     return make
 
@@ -28,6 +37,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
     "resnet18": _resnet(ResNet18),
     "resnet34": _resnet(ResNet34),
     "resnet50": _resnet(ResNet50),
+    **{f"vit_{v.lower()}{p}": _vit(v, p) for p in (16, 4) for v in ("Ti", "S", "B")},
 }
 
 MODEL_NAMES = tuple(_REGISTRY)
@@ -49,4 +59,5 @@ def build(name: str, *, num_classes: int = 10, width: int | None = None, dropout
     return _REGISTRY[name](num_classes, width, dropout_rate, stem, dtype, bn_axis_name=bn_axis_name)
 
 
-__all__ = ["CNN", "MLP", "ResNet", "ResNet18", "ResNet34", "ResNet50", "MODEL_NAMES", "build", "register"]
+__all__ = ["CNN", "MLP", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ViT", "MODEL_NAMES", "build",
+           "register"]

@@ -1,0 +1,184 @@
+"""Inference without the training machinery: a jitted predict function over params only, a one-file export,
+and a latency/throughput table.
+
+    predict_fn, info = load_model(workdir)          # newest checkpoint; no optimizer state kept
+    logits = predict_fn(raw_images)                 # raw pixels in the data set's scale, (N, H, W[, C])
+    export_params(workdir, "model.msgpack")         # {params, batch_stats, config, dataset} in ONE file
+    predict_fn = load_exported("model.msgpack")     # rebuilds the model from the embedded config
+    rows = benchmark_inference(workdir)             # median ms per batch and images/s, printed as a table
+
+``predict_fn`` normalises raw images (``data.normalize`` with the data set's mean/std), cuts them into batches
+of ``batch_size`` (default ``data.eval_batch_size``) and pads the last one, so the jitted forward compiles once
+per batch size. It holds the flax variables ({params, batch_stats}) and the jitted forward, nothing else; the
+forward takes the variables as an argument (not baked into the program as constants). Logits equal
+``fg.predict``'s bit for bit (same model, same variables, same padding, same op backend).
+
+Export file: one ``flax.serialization.msgpack_serialize`` of ``{"format": "fastgpu_jax.export/1", "params",
+"batch_stats", "config": flat config as a JSON string, "dataset": {name, image_shape, num_classes, mean, std}
+as a JSON string, "step"}``. The data set facts are embedded so a file predicts without the data files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastgpu_jax import config as config_lib
+from fastgpu_jax import data, nn
+from fastgpu_jax.builders import build_model, dataset_info
+from fastgpu_jax.evaluate import restore_state
+
+FORMAT = "fastgpu_jax.export/1"
+
+
+def _variables(params, batch_stats) -> dict:
+    """The flax variables dict, as ``TrainState.variables`` builds it."""
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def make_predict_fn(model, variables: dict, ds_info: data.DatasetInfo, *, batch_size: int,
+                    backend: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict_fn(raw_images) -> float32 logits (N, classes)`` for ``model`` with ``variables``."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
+
+    @jax.jit
+    def forward(variables, images):
+        return model.apply(variables, images, train=False).astype(jnp.float32)
+
+    num_classes = int(getattr(model, "num_classes", ds_info.num_classes))
+
+    def predict_fn(raw_images) -> np.ndarray:
+        x = data.normalize(np.asarray(raw_images), ds_info)
+        out = []
+        with nn.default_backend(backend):  # the run's op backend, fixed when ``forward`` is traced
+            for start in range(0, len(x), batch_size):
+                chunk = x[start:start + batch_size]
+                pad = batch_size - len(chunk)  # pad the last batch: one compilation per batch size
+                if pad:
+                    chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+                out.append(np.asarray(forward(variables, chunk))[: batch_size - pad])
+        return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
+
+    predict_fn.forward = forward  # the jitted (variables, normalised images) -> logits, for benchmarks
+    predict_fn.variables = variables
+    predict_fn.batch_size = batch_size
+    return predict_fn
+
+
+def _param_count(params) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def load_model(workdir: str, *, batch_size: int | None = None) -> tuple[Callable, dict]:
+    """(predict_fn, info) for the newest checkpoint of ``workdir``. Only params and batch_stats are kept.
+
+    ``info``: {"step", "model", "num_classes", "image_shape", "batch_size", "param_count", "backend",
+    "dataset"}."""
+    cfg, state, step = restore_state(workdir)
+    variables = _variables(state.params, state.batch_stats)
+    del state  # drop the optimizer state
+    return _build(cfg, variables, dataset_info(cfg), step=step, batch_size=batch_size)
+
+
+def _build(cfg, variables, ds_info, *, step: int, batch_size: int | None):
+    bs = batch_size or cfg.data.eval_batch_size
+    predict_fn = make_predict_fn(build_model(cfg), variables, ds_info, batch_size=bs, backend=cfg.model.backend)
+    info = {"step": int(step), "model": cfg.model.name, "num_classes": cfg.model.num_classes,
+            "image_shape": list(ds_info.image_shape), "batch_size": int(bs),
+            "param_count": _param_count(variables["params"]), "backend": cfg.model.backend,
+            "dataset": ds_info.name}
+    predict_fn.info = info
+    return predict_fn, info
+
+
+def export_params(workdir: str, path: str) -> dict:
+    """Writes {params, batch_stats} of the newest checkpoint + the flat config + the data set's normalisation
+    facts to ONE msgpack file at ``path``. Returns {"output", "bytes", "step", "param_count"}."""
+    cfg, state, step = restore_state(workdir)
+    ds_info = dataset_info(cfg)
+    payload = {
+        "format": FORMAT,
+        "params": jax.device_get(state.params),
+        "batch_stats": jax.device_get(state.batch_stats) or {},
+        "config": json.dumps(config_lib.to_flat_dict(cfg)),
+        "dataset": json.dumps({"name": ds_info.name, "image_shape": list(ds_info.image_shape),
+                               "num_classes": ds_info.num_classes, "mean": list(ds_info.mean),
+                               "std": list(ds_info.std)}),
+        "step": int(step),
+    }
+    blob = flax.serialization.msgpack_serialize(payload)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    return {"output": path, "bytes": len(blob), "step": int(step), "param_count": _param_count(state.params)}
+
+
+def load_exported(path: str, *, batch_size: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict_fn`` (with ``.info``) from a file written by ``export_params``; the model is rebuilt from the
+    embedded config, normalisation from the embedded data set facts (no data files needed)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: write it with `fastgpu-jax export --workdir D --output {path}`")
+    with open(path, "rb") as f:
+        payload = flax.serialization.msgpack_restore(f.read())
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fastgpu_jax export file (format {FORMAT})")
+    cfg = config_lib.from_flat_dict(json.loads(payload["config"]))
+    d = json.loads(payload["dataset"])
+    ds_info = data.DatasetInfo(name=d["name"], image_shape=tuple(d["image_shape"]), num_classes=d["num_classes"],
+                               split_sizes={}, mean=tuple(d["mean"]), std=tuple(d["std"]))
+    variables = _variables(payload["params"], payload.get("batch_stats") or {})
+    predict_fn, _ = _build(cfg, variables, ds_info, step=int(payload["step"]), batch_size=batch_size)
+    return predict_fn
+
+
+def benchmark_inference(workdir: str, batch_sizes: Sequence[int] = (1, 32, 256), iters: int = 20, *,
+                        print_table: bool = True) -> list[dict]:
+    """Median latency (ms) and images/s of the jitted forward per batch size (device-resident normalised
+    inputs, ``block_until_ready``; compile and one warm-up call excluded). Prints a table unless told not to."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    predict_fn, info = load_model(workdir)
+    forward, variables = predict_fn.forward, predict_fn.variables
+    h, w, c = info["image_shape"]
+    rng = np.random.default_rng(0)
+    rows = []
+    with nn.default_backend(info["backend"]):
+        for bs in batch_sizes:
+            x = jax.device_put(rng.standard_normal((int(bs), h, w, c)).astype(np.float32))
+            t0 = time.perf_counter()
+            forward(variables, x).block_until_ready()  # compile
+            compile_ms = (time.perf_counter() - t0) * 1e3
+            forward(variables, x).block_until_ready()  # warm-up
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                forward(variables, x).block_until_ready()
+                times.append(time.perf_counter() - t0)
+            median = statistics.median(times)
+            rows.append({"batch_size": int(bs), "latency_ms": median * 1e3, "images_per_s": bs / median,
+                         "compile_ms": compile_ms, "iters": int(iters), "device": jax.devices()[0].device_kind})
+    if print_table:
+        print(format_benchmark(rows))
+    return rows
+
+
+def format_benchmark(rows: list[dict]) -> str:
+    lines = [f"{'batch':>6} {'latency ms':>11} {'images/s':>12} {'compile ms':>11}"]
+    lines += [f"{r['batch_size']:>6} {r['latency_ms']:>11.3f} {r['images_per_s']:>12,.0f} {r['compile_ms']:>11.1f}"
+              for r in rows]
+    if rows:
+        lines.append(f"(median of {rows[0]['iters']} calls on {rows[0]['device']}, jitted forward, "
+                     "block_until_ready)")
+    return "\n".join(lines)
