@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     which = b.add_mutually_exclusive_group(required=True)
     which.add_argument("--kernels", action="store_true", help="kernel sweep")
     which.add_argument("--config", help="config file whose train step to time (data.batch_size per device)")
+    which.add_argument("--inference", metavar="WORKDIR", help="inference latency/throughput of a trained run")
     b.add_argument("--devices", default=None, help="comma list of device counts (default 1,2,4,.. available)")
     b.add_argument("--backends", default="xla", help="comma list of op backends (model benchmark)")
     b.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (model benchmark)")
@@ -117,7 +118,11 @@ def _run(args, extra: list[str]) -> int:
         from fastgpu_jax import bench
 
         split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
-        if args.kernels:
+        if args.inference:
+            from fastgpu_jax.inference import benchmark_inference
+
+            benchmark_inference(args.inference, iters=args.steps)
+        elif args.kernels:
             bench.run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json, ops=split(args.ops))
         else:
             cfg = fg.load_config(args.config, overrides=_split_overrides(extra))

@@ -85,6 +85,8 @@ SCHEMA: dict[str, Key] = {
                                    help="float16: good steps before the loss scale doubles"),
     "train.nan_policy": Key("stop", _STR, choices=("stop", "skip")),
     "train.deterministic": Key(False, _BOOL),
+    "train.profile_steps": Key("", _STR, help="'START-END': jax.profiler trace of those steps into "
+                                             "workdir/profile (open with TensorBoard's profile plugin)"),
     # optimizer
     "optimizer.name": Key("adam", _STR, choices=("sgd", "adam", "adamw", "lamb")),
     "optimizer.lr": Key(1e-3, _FLOAT, check=_positive, rule="> 0"),
@@ -107,8 +109,9 @@ SCHEMA: dict[str, Key] = {
                                help="'regex=auto|spec;...': which params/optimizer state fsdp shards, how"),
     # logging
     "log.tensorboard": Key(True, _BOOL),
-    "log.wandb": Key(False, _BOOL, check=lambda v: v is False,
-                     rule="False (no Weights & Biases writer in this version)"),
+    "log.wandb": Key(False, _BOOL, help="Weights & Biases writer (pip install wandb; WANDB_MODE=offline works "
+                                        "without network)"),
+    "log.wandb_project": Key("fastgpu_jax", _STR),
     "log.progress_bar": Key(True, _BOOL, help="tqdm bar on a TTY; plain lines otherwise"),
 }
 
@@ -116,7 +119,7 @@ SCHEMA: dict[str, Key] = {
 RESUMABLE_CHANGES = frozenset({
     "train.steps", "train.log_every_steps", "train.eval_every_steps", "train.eval_split",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "data.dir", "data.eval_batch_size",
-    "log.tensorboard", "log.wandb", "log.progress_bar",
+    "log.tensorboard", "log.wandb", "log.wandb_project", "log.progress_bar", "train.profile_steps",
     # Same math within float tolerance (tested): a run may resume on the other op backend, or on another
     # device count / strategy / process layout (checkpoints reshard on restore).
     "model.backend", "model.pallas_tuning", "parallel.strategy", "parallel.mesh", "parallel.coordinator",
@@ -190,6 +193,11 @@ def _validate_combinations(flat: dict[str, Any]) -> None:
     if flat["data.name"] in ("mnist", "fashion_mnist", "cifar10") and not flat["data.dir"]:
         raise ConfigError(f"data.dir is required for data.name='{flat['data.name']}' "
                           "(the folder holding its local files)")
+    profile = flat["train.profile_steps"]
+    if profile:
+        start, sep, end = profile.partition("-")
+        if not (sep and start.isdigit() and end.isdigit() and 0 < int(start) <= int(end)):
+            raise ConfigError(f"train.profile_steps={profile!r} must look like 'START-END' with 0 < START <= END")
     if flat["parallel.process_id"] >= flat["parallel.num_processes"]:
         raise ConfigError(f"parallel.process_id={flat['parallel.process_id']} must be < "
                           f"parallel.num_processes={flat['parallel.num_processes']}")

@@ -125,15 +125,22 @@ def export_params(workdir: str, path: str) -> dict:
     return {"output": path, "bytes": len(blob), "step": int(step), "param_count": _param_count(state.params)}
 
 
+def read_payload(path: str, fmt: str, kind: str, hint: str) -> dict:
+    """The dict in a flax-msgpack file of ours, checked to carry ``format == fmt`` (export, quantized)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {hint}")
+    with open(path, "rb") as f:
+        payload = flax.serialization.msgpack_restore(f.read())
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{path} is not a fastgpu_jax {kind} file (format {fmt})")
+    return payload
+
+
 def load_exported(path: str, *, batch_size: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """``predict_fn`` (with ``.info``) from a file written by ``export_params``; the model is rebuilt from the
     embedded config, normalisation from the embedded data set facts (no data files needed)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: write it with `fastgpu-jax export --workdir D --output {path}`")
-    with open(path, "rb") as f:
-        payload = flax.serialization.msgpack_restore(f.read())
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a fastgpu_jax export file (format {FORMAT})")
+    payload = read_payload(path, FORMAT, "export",
+                           f"write it with `fastgpu-jax export --workdir D --output {path}`")
     cfg = config_lib.from_flat_dict(json.loads(payload["config"]))
     d = json.loads(payload["dataset"])
     ds_info = data.DatasetInfo(name=d["name"], image_shape=tuple(d["image_shape"]), num_classes=d["num_classes"],

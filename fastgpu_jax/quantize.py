@@ -50,6 +50,7 @@ from fastgpu_jax import config as config_lib
 from fastgpu_jax import data, nn, steps
 from fastgpu_jax.builders import build_model, data_kwargs
 from fastgpu_jax.evaluate import restore_state
+from fastgpu_jax.inference import read_payload
 from fastgpu_jax.nn.layers import Conv, Dense, _padding, _pair
 
 QMAX = 127
@@ -280,12 +281,7 @@ def quantized_path(workdir_or_file: str) -> str:
 def load_quantized(workdir_or_file: str) -> tuple[Any, dict, dict]:
     """(cfg, qvars, meta) from a quantized file (or a workdir's ``quantized/params.msgpack``)."""
     path = quantized_path(workdir_or_file)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `fastgpu-jax quantize --workdir WORKDIR` first")
-    with open(path, "rb") as f:
-        payload = flax.serialization.msgpack_restore(f.read())
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a fastgpu_jax quantized file (format {FORMAT})")
+    payload = read_payload(path, FORMAT, "quantized", "run `fastgpu-jax quantize --workdir WORKDIR` first")
     cfg = config_lib.from_flat_dict(json.loads(payload["config"]))
     qvars = {k: payload.get(k) or {} for k in COLLECTIONS + ("float", "batch_stats")}
     meta = {"step": int(payload["step"]), "calibrate_batches": int(payload["calibrate_batches"]), "path": path}

@@ -70,7 +70,10 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
     _write_run_info(cfg, workdir, mesh)
 
     writer = MetricWriter(workdir, total_steps=t.steps, initial_step=start, tensorboard=cfg.log.tensorboard,
-                          progress_bar=cfg.log.progress_bar, enabled=jax.process_index() == 0)
+                          progress_bar=cfg.log.progress_bar, enabled=jax.process_index() == 0,
+                          wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
+                          run_config=config_lib.to_flat_dict(cfg))
+    profile = _profile_window(t.profile_steps)
     writer.truncate_after(start)
     writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
                  f"({cfg.model.name} on {cfg.data.name}, {jax.device_count()} {jax.devices()[0].platform} "
@@ -89,7 +92,12 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
     with nn.default_backend(cfg.model.backend):
         batch, data_state = fetch() if start < t.steps else (None, None)
         for step in range(start + 1, t.steps + 1):
+            if step == profile[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
             state, metrics = train_fn(state, batch)  # dispatched asynchronously
+            if step == profile[1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
             batch_state = data_state
             if step < t.steps:  # double buffering: the next transfer overlaps this step's compute
                 batch, data_state = fetch()
@@ -119,6 +127,14 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
     writer.close()
     return {"step": int(jax.device_get(strategy.host_state(state).step)), "workdir": workdir, "train": last_train,
             t.eval_split: last_eval}
+
+
+def _profile_window(text: str) -> tuple[int, int]:
+    """'10-15' -> (10, 15): trace those steps; (0, 0) when profiling is off (no step is 0)."""
+    if not text:
+        return (0, 0)
+    start, _, end = text.partition("-")
+    return int(start), int(end)
 
 
 def _host_rows(pending: list) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Where metrics go: console lines + progress bar, ``metrics.jsonl``, TensorBoard events.
+"""Where metrics go: console lines + progress bar, ``metrics.jsonl``, TensorBoard events, and optionally
+Weights & Biases (``log.wandb``).
 
 Every row is ``{"step", "split", ...metrics}``; ``split`` is train, val or test. On resume,
 ``truncate_after(step)`` drops rows past the restored step so the file ends up exactly as an uninterrupted
@@ -44,17 +45,39 @@ def _fmt(name: str, value: Any) -> str:
     return f"{name} {value}"
 
 
+def _start_wandb(workdir: str, project: str, run_config: dict):
+    """A W&B run for this workdir (lazy import; resumes the same run id when training resumes).
+    ``WANDB_MODE=offline`` logs to ``workdir/wandb`` without network; ``wandb sync`` uploads later."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError("log.wandb=True needs the wandb package: pip install 'fastgpu_jax[wandb]'") from err
+    id_file = os.path.join(workdir, "wandb_run_id")
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with open(id_file, "w") as f:
+            f.write(run_id)
+    return wandb.init(project=project, dir=workdir, id=run_id, resume="allow", config=run_config,
+                      name=os.path.basename(os.path.normpath(workdir)))
+
+
 class MetricWriter:
     """Writes rows to console, JSONL and (optionally) TensorBoard. ``enabled=False`` writes nothing
     (processes other than 0 in multi-host runs)."""
 
     def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0, tensorboard: bool = True,
-                 progress_bar: bool = True, enabled: bool = True):
+                 progress_bar: bool = True, enabled: bool = True, wandb_project: str | None = None,
+                 run_config: dict | None = None):
         self.workdir, self.total_steps, self.enabled = workdir, total_steps, enabled
-        self._tb = self._bar = None
+        self._tb = self._bar = self._wandb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        if wandb_project:
+            self._wandb = _start_wandb(workdir, wandb_project, run_config or {})
         if tensorboard:
             from tensorboardX import SummaryWriter  # lazy: heavy import
 
@@ -90,6 +113,9 @@ class MetricWriter:
                 if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in row.items() if k not in ("step", "split")
+                             and isinstance(v, (int, float))}, step=int(step))
         parts = [f"{split:5s} step {step}/{self.total_steps}"]
         parts += [_fmt(k, v) for k, v in row.items() if k not in ("step", "split")]
         self.print("  ".join(parts))
@@ -111,3 +137,5 @@ class MetricWriter:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import jax
 import jax.numpy as jnp
 
@@ -40,3 +42,19 @@ def test_model_benchmark_times_the_step_on_cpu(capsys):
     assert row.devices == 1 and row.global_batch == 16 and row.step_s > 0 and row.efficiency == 1.0
     assert row.flops and row.flops > 0
     assert "examples/s" in out and "scaling" in out
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vit_b16"])
+def test_xla_flop_count_matches_the_analytic_one(name):
+    """The bench's FLOPs/step (XLA cost analysis) agree with 3x forward Dense/Conv/attention within 5%."""
+    import fastgpu_jax as fg
+    from conftest import DIGITS
+    from fastgpu_jax.builders import build_model
+
+    cfg = fg.load_config(DIGITS, overrides=[f"model.name={name}", "model.num_classes=1000", "data.name=synthetic",
+                                            "data.image_size=224", "data.batch_size=2", "data.num_examples=8"])
+    shape = (2, 224, 224, 3)
+    batch = {"image": jnp.zeros(shape), "label": jnp.zeros((2,), jnp.int32)}
+    xla = bench.xla_step_flops(fg.build_state(cfg), batch)
+    analytic = bench.analytic_step_flops(build_model(cfg), shape)
+    assert abs(xla / analytic - 1) < 0.05, (xla, analytic)

@@ -124,3 +124,9 @@ def test_mnist_cnn_config_trains_on_generated_idx_files(tmp_path):
             "--config.data.eval_batch_size=100", *QUIET)
     result = json.loads(run_cli("eval", "--workdir", str(workdir)).stdout.strip().splitlines()[-1])
     assert result["accuracy"] > 0.9
+
+
+def test_bench_inference_prints_latency_per_batch_size(digits_run):
+    workdir, _ = digits_run
+    out = run_cli("bench", "--inference", str(workdir), "--steps", "3").stdout
+    assert "ms" in out and "256" in out
