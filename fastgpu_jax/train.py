@@ -92,10 +92,11 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
     with nn.default_backend(cfg.model.backend):
         batch, data_state = fetch() if start < t.steps else (None, None)
         for step in range(start + 1, t.steps + 1):
-            if step == profile[0]:
+            tracing = profile[0] <= step <= profile[1]
+            if tracing and (step == profile[0] or step == start + 1):
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
             state, metrics = train_fn(state, batch)  # dispatched asynchronously
-            if step == profile[1]:
+            if tracing and step in (profile[1], t.steps):
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
             batch_state = data_state
