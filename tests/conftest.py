@@ -33,3 +33,19 @@ def quick_digits():
         return fg.load_config(DIGITS + ":quick", overrides=base + list(overrides))
 
     return make
+
+
+TRAINED_STEPS = 200  # length of the shared `trained_digits` run
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """One digits CNN run (200 steps, one checkpoint), shared by the inference and quantization tests."""
+    import fastgpu_jax as fg
+
+    workdir = tmp_path_factory.mktemp("digits_200")
+    overrides = [f"train.steps={TRAINED_STEPS}", f"train.checkpoint_every_steps={TRAINED_STEPS}",
+                 f"train.eval_every_steps={TRAINED_STEPS}",
+                 "train.log_every_steps=100", "log.tensorboard=False", "log.progress_bar=False"]
+    fg.train(fg.load_config(DIGITS + ":quick", overrides=overrides), str(workdir))
+    return workdir

@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 
 import fastgpu_jax as fg
-from conftest import DIGITS, run_cli
+from conftest import TRAINED_STEPS, run_cli
 from fastgpu_jax import cli
 
-OVERRIDES = ["train.checkpoint_every_steps=60", "train.eval_every_steps=60", "log.tensorboard=False",
-             "log.progress_bar=False"]
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("infer_digits")
-    fg.train(fg.load_config(DIGITS + ":quick", overrides=OVERRIDES), str(workdir))
-    return workdir
+def trained(trained_digits):
+    """The shared 200-step digits run (tests/conftest.py)."""
+    return trained_digits
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +33,7 @@ def reference(trained, test_images):
 def test_load_model_equals_predict_and_compiles_once_per_batch_size(trained, test_images, reference):
     images, labels = test_images
     predict_fn, info = fg.load_model(str(trained), batch_size=16)
-    assert info["step"] == 60 and info["batch_size"] == 16 and info["image_shape"] == [8, 8, 1]
+    assert info["step"] == TRAINED_STEPS and info["batch_size"] == 16 and info["image_shape"] == [8, 8, 1]
     assert info["param_count"] == 53002 and info["num_classes"] == 10
     assert set(predict_fn.variables) <= {"params", "batch_stats"}  # no optimizer state, no TrainState
     logits = predict_fn(images[:50])  # 3 full batches + a padded one
@@ -56,14 +51,14 @@ def test_export_round_trip_is_bit_identical(trained, test_images, reference, tmp
     images, _ = test_images
     path = tmp_path / "model.msgpack"
     result = fg.export_params(str(trained), str(path))
-    assert result["output"] == str(path) and result["bytes"] == path.stat().st_size and result["step"] == 60
+    assert result["output"] == str(path) and result["bytes"] == path.stat().st_size and result["step"] == TRAINED_STEPS
     assert [p.name for p in tmp_path.iterdir()] == ["model.msgpack"]  # one file
     payload = flax.serialization.msgpack_restore(path.read_bytes())
     assert {"params", "batch_stats", "config", "dataset", "step", "format"} <= set(payload)
     assert "opt_state" not in payload
     assert json.loads(payload["config"])["model.name"] == "cnn"
     exported = fg.load_exported(str(path))
-    assert exported.info["step"] == 60 and exported.info["batch_size"] == 360  # data.eval_batch_size
+    assert exported.info["step"] == TRAINED_STEPS and exported.info["batch_size"] == 360  # data.eval_batch_size
     np.testing.assert_array_equal(exported(images), reference[0])
     small = fg.load_exported(str(path), batch_size=16)
     np.testing.assert_array_equal(small(images[:50]), reference[1])
@@ -94,7 +89,7 @@ def test_cli_export_with_bench(trained, test_images, reference, tmp_path):
                    "--iters", "2")
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
-    assert result["output"] == str(path) and path.exists() and result["step"] == 60
+    assert result["output"] == str(path) and path.exists() and result["step"] == TRAINED_STEPS
     assert [r["batch_size"] for r in result["bench"]] == [1, 4]
     assert any("latency ms" in x for x in lines[:-1])
     np.testing.assert_array_equal(fg.load_exported(str(path))(images), reference[0])

@@ -14,21 +14,15 @@ from jax import lax
 import flax.linen as flax_nn
 
 import fastgpu_jax as fg
-from conftest import DIGITS, run_cli
+from conftest import run_cli
 from fastgpu_jax import cli
 from fastgpu_jax import quantize as Q
 from fastgpu_jax.nn import Conv, Dense
 
-# 200 steps for a meaningful accuracy; one checkpoint and one eval keep the fixture fast (same params).
-OVERRIDES = ["train.steps=200", "train.checkpoint_every_steps=200", "train.eval_every_steps=200",
-             "train.log_every_steps=100", "log.tensorboard=False", "log.progress_bar=False"]
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("quant_digits")
-    fg.train(fg.load_config(DIGITS + ":quick", overrides=OVERRIDES), str(workdir))
-    return workdir
+def trained(trained_digits):
+    """The shared 200-step digits run (tests/conftest.py)."""
+    return trained_digits
 
 
 @pytest.fixture(scope="module")
