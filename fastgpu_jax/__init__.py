@@ -6,7 +6,7 @@
     metrics = fg.evaluate("runs/digits", split="test")
 """
 
-from fastgpu_jax import data, models, nn, parallel, pallas_kernels
+from fastgpu_jax import data, errors, models, nn, parallel, pallas_kernels
 from fastgpu_jax.builders import build_model, build_optimizer, build_state
 from fastgpu_jax.config import ConfigError, build_config, load_config
 from fastgpu_jax.evaluate import evaluate, predict, restore_state
@@ -20,7 +20,7 @@ from fastgpu_jax.train import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "StepOptions", "TrainState", "build_config", "build_model", "build_optimizer", "build_state",
+    "ConfigError", "errors", "StepOptions", "TrainState", "build_config", "build_model", "build_optimizer", "build_state",
     "compute_metrics", "create_train_state", "data", "eval_step", "evaluate", "load_config", "models", "nn",
     "pallas_kernels", "parallel", "plot_curves", "predict", "predict_step", "restore_state", "train",
     "train_step",

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgpu-jax", description="Train, evaluate and use image classifiers.")
+    p.add_argument("--traceback", action="store_true",
+                   help="show full tracebacks and library logs for errors (same as FASTGPU_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a run; extra --config.KEY=VALUE override the config")
@@ -25,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True, help="run folder; an existing run there is resumed")
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume even if the config changed in ways that alter the computation")
+    t.add_argument("--restart", action="store_true",
+                   help="start over at step 0: the workdir's earlier checkpoints, metrics and logs are moved "
+                        "into WORKDIR/restarted/N/ (never deleted)")
 
     e = sub.add_parser("eval", help="evaluate the newest checkpoint; prints one JSON object last")
     e.add_argument("--workdir", required=True)
@@ -76,21 +83,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(Exception):
+    """A malformed command line (exit 2, like argparse's own errors)."""
+
+
 def _split_overrides(extra: list[str]) -> list[str]:
     """['--config.a.b=1', '--config.c', '2'] -> ['a.b=1', 'c=2']; anything else is an error."""
     out, i = [], 0
     while i < len(extra):
         arg = extra[i]
         if not arg.startswith("--config."):
-            raise SystemExit(f"fastgpu-jax: error: unrecognized argument {arg!r} "
-                             "(config overrides look like --config.optimizer.lr=3e-3)")
+            raise UsageError(f"unrecognized argument {arg!r} (config overrides look like --config.optimizer.lr=3e-3)")
         if "=" in arg:
             out.append(arg[len("--config."):])
-        elif i + 1 < len(extra):
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             out.append(f"{arg[len('--config.'):]}={extra[i + 1]}")
             i += 1
         else:
-            raise SystemExit(f"fastgpu-jax: error: {arg} needs a value")
+            raise UsageError(f"{arg} needs a value, e.g. {arg}=VALUE")
         i += 1
     return out
 
@@ -100,7 +110,7 @@ def _run(args, extra: list[str]) -> int:
 
     if args.command == "train":
         cfg = fg.load_config(args.config, overrides=_split_overrides(extra))
-        summary = fg.train(cfg, args.workdir, allow_config_change=args.allow_config_change)
+        summary = fg.train(cfg, args.workdir, allow_config_change=args.allow_config_change, restart=args.restart)
         print(json.dumps(summary))
     elif args.command == "eval":
         print(json.dumps(fg.evaluate(args.workdir, args.split, data_dir=args.data_dir)))
@@ -152,13 +162,37 @@ def _run(args, extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. User errors (config, data, checkpoints, workdir, OS errors such as a full disk) are
+    one line on stderr and exit code 2; ``--traceback`` or ``FASTGPU_DEBUG=1`` shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--traceback" in argv:  # accepted anywhere on the line, before or after the command
+        argv.remove("--traceback")
+        os.environ["FASTGPU_DEBUG"] = "1"
     args, extra = _parser().parse_known_args(argv)
-    if extra and args.command not in ("train", "bench"):
-        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    from fastgpu_jax.config import ConfigError
+    from fastgpu_jax import quiet
+
+    quiet.for_command_line()
+    warnings.formatwarning = lambda message, *_, **__: f"fastgpu-jax: warning: {message}\n"
+    from fastgpu_jax.errors import UserError
 
     try:
+        if extra and args.command not in ("train", "bench"):
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return _run(args, extra)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, NotImplementedError) as err:
-        print(f"fastgpu-jax: error: {err}", file=sys.stderr)
+    except (UsageError, UserError, OSError, ValueError, FloatingPointError, NotImplementedError) as err:
+        if quiet.debug():
+            raise
+        print(f"fastgpu-jax: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fastgpu-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """The message on one line; OS errors keep their path and reason."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f" {err.filename!r}" if err.filename else ""
+        return f"{err.strerror}:{where}" if where else err.strerror
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:2000]

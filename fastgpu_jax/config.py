@@ -13,13 +13,17 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import inspect
+import math
 import os
 from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from fastgpu_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config mistake; the message is one line naming the key."""
 
 
@@ -169,7 +173,9 @@ def _check_type(dotted: str, value: Any) -> Any:
         names = " or ".join("None" if t is type(None) else t.__name__ for t in key.types)
         raise ConfigError(f"config key '{dotted}' must be {names}, got {value!r} ({type(value).__name__})")
     if key.types == _FLOAT and isinstance(value, int):
-        value = float(value)
+        value = float(value) if abs(value) < 2 ** 1000 else math.inf
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{dotted}' must be a finite number, got {value!r}")
     return value
 
 
@@ -217,29 +223,60 @@ def parse_override(text: str) -> tuple[str, Any]:
         return dotted, raw.lower() == "true"
     try:
         value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         value = raw
+        if raw.lower().lstrip("+-") in ("inf", "infinity", "nan") and key is not None and key.types == _FLOAT:
+            value = float(raw)  # so the finite-number check, not a type error, explains the mistake
     # "1e-3" parses as float already; keep quoted or bare strings as strings.
-    if dotted in SCHEMA and SCHEMA[dotted].types == _FLOAT and isinstance(value, int):
-        value = float(value)
     if dotted in SCHEMA and str in SCHEMA[dotted].types and not isinstance(value, str) and value is not None:
         value = raw
     return dotted, value
 
 
 def _load_file(path: str) -> ml_collections.ConfigDict:
+    """Runs the config file and its ``get_config``; any mistake in them is one ConfigError line."""
     path, _, arg = path.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist")
     spec = importlib.util.spec_from_file_location(f"_fastgpu_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ConfigError(f"config file '{path}' has a syntax error at line {err.lineno}: {err.msg}") from err
+    except Exception as err:  # noqa: BLE001 - whatever the file raises, the user must fix the file
+        raise ConfigError(f"config file '{path}' failed to load: {_one_line(err)}") from err
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file '{path}' has no get_config() function")
-    cfg = module.get_config(arg) if arg else module.get_config()
+    get_config = module.get_config
+    if not callable(get_config):
+        raise ConfigError(f"get_config in config file '{path}' is a {type(get_config).__name__}, not a function")
+    takes_arg = _accepts_one_argument(get_config)
+    if arg and not takes_arg:
+        raise ConfigError(f"config file '{path}' was given ':{arg}' but its get_config() takes no argument")
+    try:
+        cfg = get_config(arg) if arg else get_config()
+    except Exception as err:  # noqa: BLE001
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"{call} in '{path}' raised {_one_line(err)}") from err
     if not isinstance(cfg, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f"get_config() in '{path}' must return a ConfigDict, got {type(cfg).__name__}")
     return cfg
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+
+
+def _accepts_one_argument(fn) -> bool:
+    try:
+        inspect.signature(fn).bind("arg")
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): let the call decide
+        return True
+    return True
 
 
 def build_config(values: dict | ml_collections.ConfigDict | None = None,

@@ -35,11 +35,15 @@ def load_run_config(workdir: str):
 
 
 def restore_state(workdir: str, cfg=None):
-    """(cfg, state, step): the newest good checkpoint of ``workdir`` restored into a fresh state."""
+    """(cfg, state, step): the newest good checkpoint of ``workdir`` restored into a fresh state.
+
+    Read-only: nothing in the workdir is created, moved or deleted. A corrupt newest checkpoint is skipped
+    with a warning (the previous one is used); an incompatible or unreadable one is a one-line error.
+    """
     cfg = cfg or load_run_config(workdir)
     apply_kernel_tuning(cfg)
     state = build_state(cfg)
-    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, read_only=True)
     try:
         restored = ckpt.restore_latest(state)
     finally:
@@ -66,9 +70,10 @@ def evaluate(workdir: str, split: str = "test", *, data_dir: str | None = None) 
 def predict(workdir: str, images: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
     """Logits (N, num_classes) for raw ``images`` in the data set's native pixel scale (e.g. MNIST 0..255,
     digits 0..16), shaped (N, H, W, C) or (N, H, W) for one channel. Normalisation is applied here."""
-    cfg, state, _ = restore_state(workdir)
+    cfg = load_run_config(workdir)
     info = dataset_info(cfg)
-    x = data.normalize(np.asarray(images), info)
+    x = data.normalize(images, info)  # before the restore: a wrong input fails fast
+    cfg, state, _ = restore_state(workdir, cfg)
     bs = batch_size or cfg.data.eval_batch_size
     fn = jax.jit(steps.predict_step)
     with nn.default_backend(cfg.model.backend):

@@ -22,7 +22,7 @@ def plot_curves(workdir: str, output: str | None = None) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("loss", "accuracy")):
         for split in splits:
-            pts = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+            pts = [(r["step"], r[key]) for r in rows if r["split"] == split and r.get(key) is not None]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=split)

@@ -85,9 +85,14 @@ def _next_loss_scale(state: TrainState, grads_finite):
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
-    """One optimizer update on ``batch``. A non-finite gradient or loss skips the update (state advances
-    ``step`` only) and is reported in ``metrics["nonfinite"]``; under float16 an overflow only shrinks the
-    loss scale and is not reported as non-finite unless the loss itself is.
+    """One optimizer update on ``batch``.
+
+    The update is skipped (the state advances ``step`` only) when the loss, any gradient, the gradient's
+    global norm or any updated parameter is non-finite: an overflowing norm with finite elements, or a huge
+    learning rate that pushes finite parameters to inf, are caught as well as NaN gradients. Skipped steps are
+    reported in ``metrics["nonfinite"]``; under float16 a gradient overflow only shrinks the loss scale and
+    is not reported unless the loss or the parameters are non-finite. All checks are device-side reductions:
+    no host sync.
     """
     axis = state.options.axis_name
     rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
@@ -97,11 +102,13 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
     if axis is not None:  # the mean over the global batch = the mean of equal-sized shard means
         grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis)
     grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
-    grads_finite = _all_finite(grads)
+    grad_norm = optax.tree.norm(grads)
+    grads_finite = _all_finite(grads) & jnp.isfinite(grad_norm)
     loss_finite = jnp.isfinite(loss)
-    ok = grads_finite & loss_finite
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    params_finite = _all_finite(new_params)
+    ok = grads_finite & loss_finite & params_finite
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     scale, good = _next_loss_scale(state, grads_finite)
     new_state = state.replace(
@@ -112,12 +119,15 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
         loss_scale=scale,
         good_steps=good,
     )
-    reported_bad = ~loss_finite if state.options.dynamic_loss_scale else ~ok
+    if state.options.dynamic_loss_scale:  # an overflow under float16 is the loss scale's business
+        reported_bad = ~loss_finite | (grads_finite & ~params_finite)
+    else:
+        reported_bad = ~ok
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
         "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "loss_scale": state.loss_scale,
         "nonfinite": reported_bad.astype(jnp.int32),
     }

@@ -21,33 +21,42 @@ import time
 from importlib import metadata
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from fastgpu_jax import checkpoint, config as config_lib, data, nn, parallel, steps
+from fastgpu_jax import checkpoint, config as config_lib, data, nn, parallel, steps, workdir as workdir_lib
 from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info
+from fastgpu_jax.errors import CheckpointError, NonFiniteError
 from fastgpu_jax.evaluate import run_eval
 from fastgpu_jax.writers import MetricWriter
 
 _PACKAGES = ("fastgpu_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 
-def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
+def train(cfg, workdir: str, *, allow_config_change: bool = False, restart: bool = False) -> dict:
     """Trains (or resumes) the run described by ``cfg`` in ``workdir``; returns the final metrics.
 
     ``allow_config_change=True`` resumes even if keys that change the computation differ from the
-    checkpointed run's config (otherwise that is an error naming the keys).
+    checkpointed run's config (otherwise that is an error naming the keys). ``restart=True`` moves an
+    earlier run's checkpoints, metrics and logs into ``workdir/restarted/N/`` and starts at step 0; without
+    it a workdir whose checkpoints are all unusable is an error, never a silent restart.
     """
     if isinstance(cfg, str):
         cfg = config_lib.load_config(cfg)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir_lib.prepare(workdir)
     _set_determinism(cfg.train.deterministic)
     p = cfg.parallel
     parallel.initialize(p.coordinator, p.num_processes, p.process_id, p.init_timeout_s)  # before any device use
     jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
-    apply_kernel_tuning(cfg)
-    t = cfg.train
+    with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):  # one writer per workdir
+        if restart:
+            _set_aside_for_restart(workdir)
+        return _train(cfg, workdir, allow_config_change)
 
+
+def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
+    apply_kernel_tuning(cfg)
+    t, p = cfg.train, cfg.parallel
     mesh = parallel.make_mesh(cfg)
     strategy = parallel.get_strategy(p.strategy, mesh, batch_size=cfg.data.batch_size,
                                      eval_batch_size=cfg.data.eval_batch_size, fsdp_rules=p.fsdp_rules)
@@ -59,26 +68,45 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
 
     state = build_state(cfg, info, axis_name=strategy.axis_name)
     ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
-    if ckpt.steps():
-        _check_resumable(cfg, workdir, allow_config_change)
-    restored = ckpt.restore_latest(state)
-    start, pending = 0, []
-    if restored is not None:
-        state, data_state, loop_state, start = restored
-        train_iter.set_state(data_state)
-        pending = loop_state["pending"]
-    _write_run_info(cfg, workdir, mesh)
+    writer = None
+    try:
+        if ckpt.steps():
+            _check_resumable(cfg, workdir, allow_config_change)
+        restored = ckpt.restore_latest(state, set_aside_corrupt=True)
+        start, pending = 0, []
+        if restored is not None:
+            state, data_state, loop_state, start = restored
+            train_iter.set_state(data_state)
+            pending = loop_state["pending"]
+        elif workdir_lib.holds_run(workdir):
+            raise CheckpointError(
+                f"{workdir} holds no usable checkpoint (see checkpoints/ and checkpoints_corrupt/), so resuming "
+                "would start over at step 0; pass --restart (API: restart=True) to set the earlier run aside "
+                "and train from scratch")
+        _write_run_info(cfg, workdir, mesh)
 
-    writer = MetricWriter(workdir, total_steps=t.steps, initial_step=start, tensorboard=cfg.log.tensorboard,
-                          progress_bar=cfg.log.progress_bar, enabled=jax.process_index() == 0,
-                          wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
-                          run_config=config_lib.to_flat_dict(cfg))
+        writer = MetricWriter(workdir, total_steps=t.steps, initial_step=start, tensorboard=cfg.log.tensorboard,
+                              progress_bar=cfg.log.progress_bar, enabled=jax.process_index() == 0,
+                              wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
+                              run_config=config_lib.to_flat_dict(cfg))
+        writer.truncate_after(start)  # only now is the restored step known; cut rows go to metrics.jsonl.N.bak
+        writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
+                     f"({cfg.model.name} on {cfg.data.name}, {jax.device_count()} {jax.devices()[0].platform} "
+                     f"device(s), backend {cfg.model.backend})")
+        state, last_train, last_eval = _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start,
+                                             pending)
+    finally:
+        ckpt.close()  # a save in flight completes (or fails loudly) before we return or raise
+        if writer is not None:
+            writer.close()
+    return {"step": int(jax.device_get(strategy.host_state(state).step)), "workdir": workdir, "train": last_train,
+            t.eval_split: last_eval}
+
+
+def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, pending: list):
+    """Steps ``start+1 .. train.steps``: train, log, evaluate, checkpoint. Returns (state, train, eval)."""
+    t = cfg.train
     profile = _profile_window(t.profile_steps)
-    writer.truncate_after(start)
-    writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
-                 f"({cfg.model.name} on {cfg.data.name}, {jax.device_count()} {jax.devices()[0].platform} "
-                 f"device(s), backend {cfg.model.backend})")
-
     state = strategy.place_state(state)
     train_fn = strategy.compile_train(steps.train_step)
     eval_fn = strategy.compile_eval(steps.eval_step)
@@ -108,8 +136,9 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
 
             if step % t.log_every_steps == 0 or step == t.steps:
                 pending = _host_rows(pending)
+                _stop_if_nonfinite(pending, cfg, step - len(pending) + 1, ckpt)
                 elapsed = time.perf_counter() - window_start
-                last_train = _summarise(pending, cfg, first_step=step - len(pending) + 1)
+                last_train = _summarise(pending, cfg)
                 last_train["ms_per_step"] = 1000 * elapsed / max(window_steps, 1)
                 last_train["examples_per_s"] = cfg.data.batch_size * window_steps / max(elapsed, 1e-9)
                 writer.write(step, "train", last_train)
@@ -121,13 +150,22 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False) -> dict:
 
             if step % t.checkpoint_every_steps == 0 or step == t.steps:
                 pending = _host_rows(pending)
+                _stop_if_nonfinite(pending, cfg, step - len(pending) + 1, ckpt)  # before, never after, a save
+                _refuse_nonfinite_state(state, step, ckpt)
                 # A copy: the save is asynchronous and the loop goes on appending to `pending`.
                 ckpt.save(step, strategy.host_state(state), batch_state, {"pending": list(pending)})
+    return state, last_train, last_eval
 
-    ckpt.close()
-    writer.close()
-    return {"step": int(jax.device_get(strategy.host_state(state).step)), "workdir": workdir, "train": last_train,
-            t.eval_split: last_eval}
+
+def _set_aside_for_restart(workdir: str) -> None:
+    if jax.process_index() == 0:
+        moved = workdir_lib.set_aside_for_restart(workdir)
+        if moved:
+            print(f"--restart: the earlier run's files are now in {moved}; starting at step 0", flush=True)
+    if jax.process_count() > 1:  # nobody reads checkpoints/ before process 0 has moved it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fastgpu_jax restart")
 
 
 def _profile_window(text: str) -> tuple[int, int]:
@@ -143,20 +181,45 @@ def _host_rows(pending: list) -> list[dict]:
     return [{k: float(v) for k, v in row.items()} for row in jax.device_get(pending)]
 
 
-def _summarise(rows: list[dict], cfg, first_step: int) -> dict:
-    """Means over the log window (float64); non-finite steps are counted and, with nan_policy=stop, fatal."""
+def _stop_if_nonfinite(rows: list[dict], cfg, first_step: int, ckpt) -> None:
+    """nan_policy=stop: raise at the first step whose update was skipped as non-finite. Called at log steps
+    and before every save, so no checkpoint is ever written after a bad step."""
     bad = [first_step + i for i, r in enumerate(rows) if r["nonfinite"]]
     if bad and cfg.train.nan_policy == "stop":
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {bad[0]} (train.nan_policy=stop); that update was skipped "
-            f"and checkpoints are intact. Lower optimizer.lr, set optimizer.grad_clip_norm, or use "
+        saved = ckpt.steps()
+        newest = f"the newest checkpoint, step {saved[-1]}, predates it" if saved else "no checkpoint was written"
+        raise NonFiniteError(
+            f"non-finite loss, gradient norm or parameters at step {bad[0]} (train.nan_policy=stop): that update "
+            f"was skipped and {newest}. Lower optimizer.lr, set optimizer.grad_clip_norm, or use "
             f"train.nan_policy=skip")
-    out = {k: float(np.mean([r[k] for r in rows])) for k in ("loss", "accuracy", "grad_norm")}
+
+
+def _refuse_nonfinite_state(state, step: int, ckpt) -> None:
+    """Last line of defence: never let a checkpoint with non-finite values rotate out the finite ones."""
+    if not bool(_state_is_finite(state)):
+        saved = ckpt.steps()
+        raise NonFiniteError(f"the train state at step {step} holds non-finite values; not saving it (the newest "
+                             f"checkpoint{f', step {saved[-1]},' if saved else ''} is untouched)")
+
+
+@jax.jit
+def _state_is_finite(state):
+    leaves = jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+                               or [True]))
+
+
+def _summarise(rows: list[dict], cfg) -> dict:
+    """Means over the log window (float64) of the steps whose update was applied; skipped (non-finite)
+    steps are counted in ``nonfinite_steps``. A mean that is itself non-finite is logged as null."""
+    good = [r for r in rows if not r["nonfinite"]] or rows
+    out = {k: float(np.mean([r[k] for r in good])) for k in ("loss", "accuracy", "grad_norm")}
     out["lr"] = rows[-1]["lr"]
     if cfg.train.precision == "float16":
         out["loss_scale"] = rows[-1]["loss_scale"]
+    bad = len(rows) - len([r for r in rows if not r["nonfinite"]])
     if bad:
-        out["nonfinite_steps"] = len(bad)
+        out["nonfinite_steps"] = bad
     return out
 
 

@@ -3,7 +3,8 @@ Weights & Biases (``log.wandb``).
 
 Every row is ``{"step", "split", ...metrics}``; ``split`` is train, val or test. On resume,
 ``truncate_after(step)`` drops rows past the restored step so the file ends up exactly as an uninterrupted
-run's would (timing fields aside).
+run's would (timing fields aside); the rows it drops are kept in ``metrics.jsonl.N.bak``. Rows are strict
+JSON: a non-finite value is written as null and named in ``nonfinite_values``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -31,6 +33,15 @@ def read_metrics(workdir: str) -> list[dict]:
             except json.JSONDecodeError:  # a line cut short by a killed process: not a finished row
                 continue
     return rows
+
+
+def json_row(row: dict) -> dict:
+    """The row as strict JSON: non-finite floats become null and are named in ``nonfinite_values``
+    (a bare ``NaN``/``Infinity`` is not JSON, and most readers reject the whole file)."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return row
+    return {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite_values": bad}
 
 
 def _fmt(name: str, value: Any) -> str:
@@ -88,17 +99,29 @@ class MetricWriter:
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
     def truncate_after(self, step: int) -> None:
-        """Keeps only rows with ``step <= step`` (called when resuming from a checkpoint at ``step``)."""
+        """Keeps only rows with ``step <= step`` (called once the restored step is known). Rows that are cut
+        are not lost: the whole previous file is kept as ``metrics.jsonl.N.bak`` first."""
         if not self.enabled:
             return
-        rows = [r for r in read_metrics(self.workdir) if r["step"] <= step]
-        self._rewrite(rows)
+        rows = read_metrics(self.workdir)
+        kept = [r for r in rows if r["step"] <= step]
+        if len(kept) < len(rows):
+            self._backup()
+        self._rewrite(kept)
+
+    def _backup(self) -> str:
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        n = 1
+        while os.path.exists(f"{path}.{n}.bak"):
+            n += 1
+        shutil.copyfile(path, f"{path}.{n}.bak")
+        return f"{path}.{n}.bak"
 
     def _rewrite(self, rows: list[dict]) -> None:
         path = os.path.join(self.workdir, "metrics.jsonl")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
         os.replace(tmp, path)
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
@@ -107,7 +130,7 @@ class MetricWriter:
         row = {"step": int(step), "split": split}
         row.update({k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in metrics.items()})
         with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(json_row(row), allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):

@@ -81,11 +81,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, quick_di
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    with pytest.warns(UserWarning, match="could not be restored"):
+    with pytest.warns(UserWarning, match="is corrupt.*nothing moved"):
         _, state, step = fg.restore_state(str(tmp_path))
     assert step == 30 and int(state.step) == 30
-    assert (tmp_path / "checkpoints_corrupt" / "60").exists()  # set aside, not deleted
-    fg.train(cfg, str(tmp_path))  # resumes from 30 and completes 60 again
+    assert not (tmp_path / "checkpoints_corrupt").exists()  # read-only: restore_state moves nothing
+    with pytest.warns(UserWarning, match="is corrupt.*moved it to"):
+        fg.train(cfg, str(tmp_path))  # resumes from 30 and completes 60 again
+    assert (tmp_path / "checkpoints_corrupt" / "60").exists()  # set aside by train, not deleted
     assert sorted(os.listdir(ckpts)) == ["30", "60"]
 
 

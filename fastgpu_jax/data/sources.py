@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -196,7 +197,7 @@ def read_idx(path, *, magic: int) -> np.ndarray:
     if len(buf) < header:
         raise ValueError(f"{str(path)!r} is truncated: {len(buf)} bytes, header alone needs {header} (IDX {what})")
     dims = tuple(int(d) for d in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: a forged header cannot overflow
     if len(buf) != expected:
         state = "truncated" if len(buf) < expected else "longer than its header says"
         raise ValueError(
@@ -394,6 +395,9 @@ def normalize(images, info: DatasetInfo) -> np.ndarray:
     added), so ``predict`` can take raw pixels in the data set's native scale.
     """
     x = np.asarray(images)
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
+        raise ValueError(f"images for data set {info.name!r} must be real numbers (an integer or float array); "
+                         f"got dtype {x.dtype}")
     h, w, c = info.image_shape
     if x.ndim == 3 and c == 1 and x.shape[1:] == (h, w):
         x = x[..., None]
@@ -402,6 +406,10 @@ def normalize(images, info: DatasetInfo) -> np.ndarray:
         raise ValueError(
             f"images for data set {info.name!r} must have shape (N, {h}, {w}, {c}){alt}; got {tuple(x.shape)}"
         )
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise ValueError(f"images for data set {info.name!r} hold {bad} NaN or infinite value(s); "
+                         "a prediction for them would be meaningless")
     mean = np.asarray(info.mean, dtype=np.float32)
     std = np.asarray(info.std, dtype=np.float32)
     return (x.astype(np.float32) - mean) / std
