@@ -6,7 +6,7 @@
     metrics = fg.evaluate("runs/digits", split="test")
 """
 
-from fastgpu_jax import data, errors, models, nn, parallel, pallas_kernels
+from fastgpu_jax import checkpoint, data, errors, models, nn, parallel, pallas_kernels
 from fastgpu_jax.builders import build_model, build_optimizer, build_state
 from fastgpu_jax.config import ConfigError, build_config, load_config
 from fastgpu_jax.evaluate import evaluate, predict, restore_state

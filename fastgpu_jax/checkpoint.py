@@ -80,7 +80,7 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             loop=ocp.args.JsonSave(loop_state),
         )
-        with self._writing(step):
+        with self._writing():
             saved = self.manager.save(step, args=args)
         if not saved:
             raise RuntimeError(f"checkpoint for step {step} in {self.directory} was not written")
@@ -134,9 +134,16 @@ class Checkpointer:
             shutil.move(src, dst)
         self.manager.reload()
 
+    def check(self) -> None:
+        """Raises now if an asynchronous save has failed (called at log steps, so a full disk stops the run
+        within one log interval instead of at the next save)."""
+        if self.manager is not None:
+            with self._writing():
+                self.manager.check_for_errors()
+
     def wait(self) -> None:
         if self.manager is not None:
-            with self._writing(None):
+            with self._writing():
                 self.manager.wait_until_finished()
 
     def close(self) -> None:
@@ -148,7 +155,7 @@ class Checkpointer:
                     self.manager.close()
 
     @contextlib.contextmanager
-    def _writing(self, step: int | None):
+    def _writing(self):
         """A failed (possibly asynchronous, so possibly earlier) save becomes one line saying which
         checkpoint is the newest intact one; Orbax never finalizes a checkpoint whose write failed."""
         try:
@@ -161,8 +168,7 @@ class Checkpointer:
             self.manager.reload()
             intact = self.steps()
             newest = f"the newest intact checkpoint is step {intact[-1]}" if intact else "no checkpoint is complete"
-            what = f"checkpoint step {step}" if step is not None else "a checkpoint"
-            raise CheckpointError(f"writing {what} to {self.directory} failed: {storage}; {newest}") from None
+            raise CheckpointError(f"saving a checkpoint to {self.directory} failed: {storage}; {newest}") from None
 
 
 def _check_readable(path: str) -> None:
@@ -199,6 +205,7 @@ class _classified:
     def __exit__(self, kind, err, tb):
         if err is None or not isinstance(err, Exception) or isinstance(err, CheckpointError):
             return False
+        quiet.filter_async_noise()  # the failed read's coroutines will complain when collected
         summary = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
         if _is_transient(err):
             raise CheckpointUnreadable(f"reading {self.path} failed ({summary}); this may pass, so nothing was "

@@ -63,6 +63,26 @@ def absl_warnings():
         log.setLevel(previous)
 
 
+_FILTER_INSTALLED = False
+
+
+def filter_async_noise() -> None:
+    """Process-wide and idempotent: after a failed Orbax read, its abandoned coroutines and closed event
+    loops keep raising "Exception ignored" tracebacks long after the error was handled; drop those (only
+    those: any other unraisable exception still reaches the previous hook)."""
+    global _FILTER_INSTALLED
+    if _FILTER_INSTALLED or debug():
+        return
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_noise(unraisable):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    _FILTER_INSTALLED = True
+
+
 def for_command_line() -> None:
     """Process-wide, for the CLI: library loggers silenced (their errors reach the user as our one-line
     error; Orbax's background threads log each failure with a full traceback) and abandoned-coroutine
@@ -71,10 +91,4 @@ def for_command_line() -> None:
         return
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    previous_hook = sys.unraisablehook
-
-    def hook(unraisable):
-        if not _is_noise(unraisable):
-            previous_hook(unraisable)
-
-    sys.unraisablehook = hook
+    filter_async_noise()

@@ -142,6 +142,7 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
                 last_train["ms_per_step"] = 1000 * elapsed / max(window_steps, 1)
                 last_train["examples_per_s"] = cfg.data.batch_size * window_steps / max(elapsed, 1e-9)
                 writer.write(step, "train", last_train)
+                ckpt.check()  # an asynchronous save that failed (full disk) stops the run here
                 pending, window_start, window_steps = [], time.perf_counter(), 0
 
             if (t.eval_every_steps and step % t.eval_every_steps == 0) or step == t.steps:

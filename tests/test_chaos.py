@@ -397,6 +397,11 @@ def test_full_disk_names_the_error_and_the_intact_checkpoint(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "File too large" in lines[0] and "checkpoint" in lines[0], lines
+    if "no checkpoint is complete" in lines[0]:
+        assert not fg.checkpoint.Checkpointer(str(tmp_path), read_only=True).steps()
+    else:  # the step it calls intact is a finished checkpoint that restores
+        intact = int(lines[0].split("newest intact checkpoint is step ")[1].split()[0])
+        assert fg.restore_state(str(tmp_path))[2] == intact
 
 
 # --- bad inputs ---------------------------------------------------------------------------------------------
