@@ -26,6 +26,16 @@ def _is_noise(unraisable) -> bool:
     return any(w in text for w in ("coroutine", "Event loop is closed", "orbax", "tensorstore", "TensorStore"))
 
 
+def _filtered(previous_hook):
+    """An unraisable hook that drops the noise and passes everything else to ``previous_hook``."""
+
+    def hook(unraisable):
+        if not _is_noise(unraisable):
+            previous_hook(unraisable)
+
+    return hook
+
+
 @contextlib.contextmanager
 def async_noise():
     """Swallows the unraisable-exception tracebacks of abandoned Orbax coroutines inside this block."""
@@ -35,12 +45,7 @@ def async_noise():
     previous_hook = sys.unraisablehook
     asyncio_log = logging.getLogger("asyncio")
     previous_level = asyncio_log.level
-
-    def hook(unraisable):
-        if not _is_noise(unraisable):
-            previous_hook(unraisable)
-
-    sys.unraisablehook = hook
+    sys.unraisablehook = _filtered(previous_hook)
     asyncio_log.setLevel(logging.CRITICAL)
     try:
         yield
@@ -73,13 +78,7 @@ def filter_async_noise() -> None:
     global _FILTER_INSTALLED
     if _FILTER_INSTALLED or debug():
         return
-    previous_hook = sys.unraisablehook
-
-    def hook(unraisable):
-        if not _is_noise(unraisable):
-            previous_hook(unraisable)
-
-    sys.unraisablehook = hook
+    sys.unraisablehook = _filtered(sys.unraisablehook)
     _FILTER_INSTALLED = True
 
 
