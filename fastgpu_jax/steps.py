@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from fastgpu_jax.nn.per_example import per_example_dropout
 from fastgpu_jax.state import TrainState
 
 
@@ -32,14 +33,24 @@ def compute_metrics(logits, labels, mask=None) -> dict:
     return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
-def _loss_and_grads(state: TrainState, params, batch_stats, batch, rng):
-    """Gradient of the (loss-scaled) mean loss on one micro-batch, and the new BatchNorm stats."""
+def example_ids(batch: dict, axis_name: str | None) -> jax.Array:
+    """Each local row's index in the global batch: the shard's offset (dp/pmap: the device's position on
+    the mapped axis times the rows per device) plus the row. Random draws are keyed by it."""
+    rows = batch["label"].shape[0]
+    offset = 0 if axis_name is None else lax.axis_index(axis_name) * rows
+    return offset + jnp.arange(rows, dtype=jnp.int32)
+
+
+def _loss_and_grads(state: TrainState, params, batch_stats, batch, rng, ids):
+    """Gradient of the (loss-scaled) mean loss on one micro-batch, and the new BatchNorm stats. Dropout
+    masks are drawn per example from (rng, global row ``ids``): the same for any device count."""
     has_bn = bool(batch_stats)
 
     def loss_fn(p):
         variables = {"params": p, "batch_stats": batch_stats} if has_bn else {"params": p}
-        out = state.apply_fn(variables, batch["image"], train=True, rngs={"dropout": rng},
-                             mutable=["batch_stats"] if has_bn else False)
+        with per_example_dropout(ids):
+            out = state.apply_fn(variables, batch["image"], train=True, rngs={"dropout": rng},
+                                 mutable=["batch_stats"] if has_bn else False)
         logits, updates = out if has_bn else (out, {})
         loss = jnp.mean(cross_entropy(logits, batch["label"]))
         return loss * state.loss_scale, (loss, logits, updates.get("batch_stats", batch_stats))
@@ -49,23 +60,24 @@ def _loss_and_grads(state: TrainState, params, batch_stats, batch, rng):
     return grads, loss, correct, new_stats
 
 
-def _accumulated_grads(state: TrainState, batch, rng):
-    """Mean gradient over ``grad_accum_steps`` micro-batches, scanned so memory stays flat."""
+def _accumulated_grads(state: TrainState, batch, rng, ids):
+    """Mean gradient over ``grad_accum_steps`` micro-batches, scanned so memory stays flat. Every
+    micro-batch uses the step's ``rng``: its examples' global ``ids`` already tell their draws apart."""
     k = state.options.grad_accum_steps
     if k == 1:
-        return _loss_and_grads(state, state.params, state.batch_stats, batch, rng)
-    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+        return _loss_and_grads(state, state.params, state.batch_stats, batch, rng, ids)
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), (batch, ids))
 
     def body(carry, inputs):
         grad_sum, stats, loss_sum, correct_sum = carry
-        i, mb = inputs
-        g, loss, correct, stats = _loss_and_grads(state, state.params, stats, mb, jax.random.fold_in(rng, i))
+        mb, mb_ids = inputs
+        g, loss, correct, stats = _loss_and_grads(state, state.params, stats, mb, rng, mb_ids)
         grad_sum = jax.tree.map(jnp.add, grad_sum, g)
         return (grad_sum, stats, loss_sum + loss, correct_sum + correct), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     init = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grad_sum, stats, loss_sum, correct_sum), _ = lax.scan(body, init, (jnp.arange(k), micro))
+    (grad_sum, stats, loss_sum, correct_sum), _ = lax.scan(body, init, micro)
     return jax.tree.map(lambda g: g / k, grad_sum), loss_sum / k, correct_sum / k, stats
 
 
@@ -95,10 +107,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
     no host sync.
     """
     axis = state.options.axis_name
-    rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
-    if axis is not None:  # dp/pmap: each device draws its own dropout masks
-        rng = jax.random.fold_in(rng, lax.axis_index(axis))
-    grads, loss, accuracy, new_stats = _accumulated_grads(state, batch, rng)
+    rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng  # the same on every device
+    grads, loss, accuracy, new_stats = _accumulated_grads(state, batch, rng, example_ids(batch, axis))
     if axis is not None:  # the mean over the global batch = the mean of equal-sized shard means
         grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis)
     grads = jax.tree.map(lambda g: g / state.loss_scale, grads)

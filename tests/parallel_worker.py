@@ -15,15 +15,17 @@ from fastgpu_jax.writers import read_metrics  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Plain SGD: unlike Adam, it is not blind to a gradient scaled by the device count (psum for pmean).
 COMMON = ["train.steps=20", "train.log_every_steps=1", "train.eval_every_steps=10",
           "train.checkpoint_every_steps=10", "log.tensorboard=False", "log.progress_bar=False",
-          "model.dropout_rate=0.0", "data.batch_size=32", "optimizer.schedule=constant"]
+          "data.batch_size=32", "optimizer.schedule=constant", "optimizer.name=sgd"]
 MODELS = {
-    "cnn": ["model.width=16", "data.eval_batch_size=360"],
+    # Dropout on (0.1, the default): the masks of example i must not depend on which device holds it.
+    "cnn": ["model.width=16", "data.eval_batch_size=360", "optimizer.lr=0.1", "optimizer.momentum=0.0"],
     # Synthetic 16x16 inputs: on 8x8 digits a ResNet's last stage is 1x1 and BatchNorm over 32 values makes the
     # curve chaotic (rounding-level differences grow), which would test the data, not the strategies.
     "resnet": ["model.name=resnet18", "model.width=8", "model.stem=cifar", "data.name=synthetic",
-               "data.image_size=16", "data.num_examples=256", "data.eval_batch_size=128", "optimizer.name=sgd",
+               "data.image_size=16", "data.num_examples=256", "data.eval_batch_size=128", "model.dropout_rate=0.0",
                "optimizer.lr=0.01", "optimizer.momentum=0.9"],
 }
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,6 +54,24 @@ def test_dp_fsdp_pmap_follow_the_single_device_curve(model, tmp_path):
     assert info["mesh"] == {"data": 1, "fsdp": 8, "model": 1} and len(info["devices"]) == 8
 
 
+@pytest.fixture(scope="module")
+def one_device_cnn(tmp_path_factory):
+    """The cnn worker config (dropout on, plain SGD) trained in this process, on its single CPU device."""
+    workdir = tmp_path_factory.mktemp("one_device") / "cnn"
+    fg.train(config("cnn"), str(workdir))
+    return train_losses(str(workdir))
+
+
+@pytest.mark.parametrize("devices, strategies", [(2, "dp,pmap"), (4, "fsdp,dp")])
+def test_2_and_4_devices_follow_the_1_device_curve_with_dropout(devices, strategies, one_device_cnn, tmp_path):
+    proc = subprocess.run([sys.executable, WORKER, str(tmp_path), "cnn", strategies], env=_env(devices),
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curves = json.loads(proc.stdout.strip().splitlines()[-1])
+    for strategy in strategies.split(","):
+        assert _max_rel(curves[strategy], one_device_cnn) < 1e-5, (devices, strategy)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,7 +84,8 @@ def _cli(workdir, overrides, steps=None):
     flat = {k: v for k, v in fg.config.to_flat_dict(base).items()}
     for key in ("train.steps", "train.log_every_steps", "train.eval_every_steps", "train.checkpoint_every_steps",
                 "model.dropout_rate", "model.width", "data.batch_size", "data.eval_batch_size",
-                "optimizer.schedule", "log.tensorboard", "log.progress_bar"):
+                "optimizer.name", "optimizer.lr", "optimizer.momentum", "optimizer.schedule", "log.tensorboard",
+                "log.progress_bar"):
         cmd.append(f"--config.{key}={flat[key]}")
     if steps:
         cmd.append(f"--config.train.steps={steps}")
@@ -119,7 +139,10 @@ def test_sigkill_and_resume_on_8_devices_is_bit_identical(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed; raise `steps`"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(_cli(killed, args, steps), env=_env(8), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    resumed = subprocess.run(_cli(killed, args, steps), env=_env(8), cwd=ROOT, check=True, capture_output=True,
+                             text=True, timeout=600)
+    match = re.search(r"resuming at step (\d+)/", resumed.stdout)
+    assert match and int(match.group(1)) > 0, resumed.stdout[-2000:]  # resumed, did not start over
     assert _rows(killed) == _rows(ref)
     _, a, _ = fg.restore_state(str(killed))
     _, b, _ = fg.restore_state(str(ref))

@@ -27,10 +27,11 @@ def _max_rel(a, b):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_grad_accumulation_matches_the_large_batch(optimizer):
+    """With dropout on: each example's mask is keyed by its row in the batch, not by its micro-batch."""
     batch = _batch(32)
     results = []
     for k in (1, 4):
-        _, st = _state(train={"grad_accum_steps": k}, data={"batch_size": 32},
+        _, st = _state(train={"grad_accum_steps": k}, data={"batch_size": 32}, model={"dropout_rate": 0.3},
                        optimizer={"name": optimizer, "lr": 0.05 if optimizer == "sgd" else 1e-3})
         step = jax.jit(fg.train_step)
         for _ in range(3):

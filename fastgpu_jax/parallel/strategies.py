@@ -20,9 +20,9 @@ Strategies:
   regex rules (``partition_specs``), the batch over (data, fsdp); XLA inserts the collectives.
 - ``pmap``: the legacy path: state replicated along a leading device axis, ``jax.pmap`` over ``data``.
 
-In dp and pmap each device draws its own dropout masks (key folded with the device index), so with dropout
-their runs differ from ``none`` in which units are dropped; without dropout all strategies compute the same
-math up to float reduction order (tested to 1e-5 relative).
+Every strategy computes the same math up to float reduction order, dropout included (tested to 1e-5
+relative on 1/2/4/8 devices and 2 processes): a dropout mask is drawn per example from the step's key and
+the example's row in the global batch (``fastgpu_jax.nn.per_example``), never from the device index.
 """
 
 from __future__ import annotations
