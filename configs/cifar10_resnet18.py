@@ -5,6 +5,7 @@ Nesterov momentum, warmup + cosine, weight decay 5e-4, bf16 compute.
 Run (GPU; ~30 epochs of 45,000 images at batch 512):
     fastgpu-jax train --config configs/cifar10_resnet18.py --workdir runs/cifar --config.data.dir=PATH/TO/cifar
     fastgpu-jax eval --workdir runs/cifar
+    fastgpu-jax bench --config configs/cifar10_resnet18.py   # step time only: no CIFAR files needed
 Expected: ~94% test accuracy (not yet measured with this library: no GPU was lent when it was written).
 """
 

@@ -6,6 +6,7 @@ test_batch.bin), random crop + flip, AdamW (DeiT's lr 5e-4 per 512 examples, wei
 Run (GPU; 100 epochs of 45,000 images at batch 512 = 8,700 steps):
     fastgpu-jax train --config configs/cifar10_vit_s4.py --workdir runs/cifar_vit --config.data.dir=PATH/TO/cifar
     fastgpu-jax eval --workdir runs/cifar_vit --split test
+    fastgpu-jax bench --config configs/cifar10_vit_s4.py     # step time only: no CIFAR files needed
 Expected: roughly 80% test accuracy (an estimate, not measured with this library). ViTs trained from
 scratch on CIFAR-10 with only crop + flip stay well below a ResNet-18 (~94%); the stronger augmentation
 (RandAugment, mixup/cutmix) and label smoothing of published ViT-on-CIFAR recipes, which this library does

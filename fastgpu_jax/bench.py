@@ -10,6 +10,10 @@ of every distinct convolution in ResNet-50 at batch 256 (collected by tracing th
 Each time is the median of ``iters`` calls after warm-up, with ``block_until_ready``. The last row is the
 geometric mean of the Pallas/XLA ratios. ``tiny`` shrinks every shape (for CPU, where Pallas runs in the
 interpreter and the numbers only show that the script works).
+
+A model benchmark needs only the data's shapes: when the config's data files are absent (no ``data.dir``,
+or files not there) it times random data of the data set's image shape and ``model.num_classes`` instead,
+and prints one line saying so. Files that are present but broken are still an error.
 """
 
 from __future__ import annotations
@@ -245,12 +249,31 @@ def _peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def bench_step(cfg, devices: int, backend: str, steps: int) -> StepRow:
-    """Times the train step of ``cfg`` on the first ``devices`` devices, per-device batch held constant."""
+def data_info(cfg):
+    """The facts of ``cfg``'s data set; when its files are absent, those of a synthetic stand-in of the same
+    image shape with ``model.num_classes`` classes (one printed line says so): a step's speed depends on
+    shapes only."""
+    from fastgpu_jax import data
+    from fastgpu_jax.builders import dataset_info
+
+    name, data_dir = cfg.data.name, cfg.data.dir
+    if not data.files_missing(name, data_dir):
+        return dataset_info(cfg)
+    shape = data.DATASETS[name].image_shape
+    where = f"not found in data.dir={data_dir!r}" if data_dir else "data.dir is not set"
+    print(f"bench: the {name} files are absent ({where}); timing synthetic data of the same shape instead: "
+          f"{'x'.join(map(str, shape))} images, {cfg.model.num_classes} classes")
+    return data.DatasetInfo(name="synthetic", image_shape=tuple(shape), num_classes=cfg.model.num_classes,
+                            split_sizes={}, mean=(0.0,) * shape[-1], std=(1.0,) * shape[-1])
+
+
+def bench_step(cfg, devices: int, backend: str, steps: int, info=None) -> StepRow:
+    """Times the train step of ``cfg`` on the first ``devices`` devices, per-device batch held constant.
+    ``info``: the data set's facts (default: ``data_info(cfg)``); only its image shape is used."""
     import numpy as np
 
     from fastgpu_jax import nn, parallel, steps as steps_lib
-    from fastgpu_jax.builders import build_state, dataset_info
+    from fastgpu_jax.builders import build_state
 
     strategy_name = cfg.parallel.strategy if devices > 1 or cfg.parallel.strategy == "none" else "none"
     if devices > 1 and strategy_name == "none":
@@ -259,13 +282,14 @@ def bench_step(cfg, devices: int, backend: str, steps: int) -> StepRow:
                               default_axis="fsdp" if strategy_name == "fsdp" else "data")
     global_batch = cfg.data.batch_size * devices
     strategy = parallel.get_strategy(strategy_name, mesh, batch_size=global_batch)
-    info = dataset_info(cfg)
+    info = info or data_info(cfg)
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(global_batch,) + tuple(info.image_shape)).astype(np.float32),
              "label": rng.integers(0, cfg.model.num_classes, global_batch).astype(np.int32)}
     host_state = build_state(cfg, info, axis_name=strategy.axis_name)
     with nn.default_backend("xla"):  # model FLOPs, whatever backend runs them (interpret-mode Pallas is opaque)
-        flops = xla_step_flops(build_state(cfg, info), batch) if devices == 1 else None
+        # One device runs strategy none (no mapped BatchNorm axis), so its state lowers as it is.
+        flops = xla_step_flops(host_state, batch) if devices == 1 else None
     with nn.default_backend(backend):
         state = strategy.place_state(host_state)
         placed = strategy.place_batch(batch, is_global=True)
@@ -307,21 +331,24 @@ def run_model_benchmark(cfg, *, device_counts: tuple[int, ...] | None = None,
     counts = device_counts or tuple(n for n in (1, 2, 4, 8, 16) if n <= available)
     if max(counts) > available:
         raise ValueError(f"bench asked for {max(counts)} devices but {available} are available")
+    info = data_info(cfg)
+    shape = tuple(info.image_shape)
     rows = []
     for backend in backends:
         base = None
         for n in counts:
-            row = bench_step(cfg, n, backend, steps)
+            row = bench_step(cfg, n, backend, steps, info)
             base = base or (row if n == 1 else None)
             row.efficiency = row.examples_per_s / (n * base.examples_per_s) if base else float("nan")
             rows.append(row)
+    source = cfg.data.name if info.name == cfg.data.name else "synthetic"
     print(f"device: {jax.devices()[0].device_kind} ({tuning.device_kind()}), jax {jax.__version__}, "
-          f"{cfg.model.name} on {cfg.data.name} {tuple(dataset_info_shape(cfg))}, precision "
+          f"{cfg.model.name} on {source} {shape}, precision "
           f"{cfg.train.precision}, per-device batch {cfg.data.batch_size}, median of {steps} steps")
     print(format_step_table(rows))
     from fastgpu_jax.builders import build_model
 
-    analytic = analytic_step_flops(build_model(cfg), (cfg.data.batch_size,) + dataset_info_shape(cfg))
+    analytic = analytic_step_flops(build_model(cfg), (cfg.data.batch_size,) + shape)
     xla = next((r.flops for r in rows if r.flops), None)
     if xla:
         print(f"FLOPs per step (per-device batch): XLA {xla / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G "
@@ -331,9 +358,3 @@ def run_model_benchmark(cfg, *, device_counts: tuple[int, ...] | None = None,
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                        "analytic_flops": analytic, "rows": [r.as_dict() for r in rows]}, f, indent=2)
     return rows
-
-
-def dataset_info_shape(cfg) -> tuple:
-    from fastgpu_jax.builders import dataset_info
-
-    return tuple(dataset_info(cfg).image_shape)

@@ -22,6 +22,12 @@ def data_kwargs(cfg) -> dict:
 
 
 def dataset_info(cfg) -> data.DatasetInfo:
+    """The data set's facts, reading (and validating) its files. A missing ``data.dir`` is a ConfigError
+    here rather than at load time, so that ``bench`` can time a config whose files are absent."""
+    spec = data.DATASETS[cfg.data.name]
+    if spec.files and not cfg.data.dir:
+        raise ConfigError(f"data.dir is required for data.name='{cfg.data.name}' (the folder holding "
+                          f"{spec.files})")
     info = data.info(cfg.data.name, cfg.data.dir, **data_kwargs(cfg))
     if info.num_classes > cfg.model.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the "
@@ -58,11 +64,15 @@ def apply_kernel_tuning(cfg) -> None:
         tuning.load_table(cfg.model.pallas_tuning)
 
 
-def build_state(cfg, info: data.DatasetInfo | None = None, axis_name: str | None = None) -> TrainState:
+def build_state(cfg, info: data.DatasetInfo | None = None, axis_name: str | None = None, *,
+                shardings=None, abstract: bool = False) -> TrainState:
     """A freshly initialised TrainState for ``cfg`` (params from ``cfg.seed``). ``axis_name`` is the mapped
-    axis of the dp/pmap strategies (None otherwise); it does not change the params."""
+    axis of the dp/pmap strategies (None otherwise); it does not change the params. ``shardings``: create
+    every leaf directly in these shards (see ``strategy.state_shardings``); ``abstract``: shapes and dtypes
+    only, nothing compiled (a restore target). See ``state.create_train_state``."""
     info = info or dataset_info(cfg)
     tx, lr_fn = build_optimizer(cfg)
     return create_train_state(build_model(cfg, axis_name), tx, seed=cfg.seed,
                               input_shape=(1,) + tuple(info.image_shape), lr_fn=lr_fn,
-                              options=step_options(cfg, axis_name), loss_scale_init=cfg.train.loss_scale_init)
+                              options=step_options(cfg, axis_name), loss_scale_init=cfg.train.loss_scale_init,
+                              shardings=shardings, abstract=abstract)

@@ -6,6 +6,13 @@ that sets only what differs from the shared defaults (``SCHEMA`` below, the one 
 onto the defaults, checks every key and type against the schema and every value against its rule, and
 returns a ``FrozenConfigDict``. Any mistake fails here with one line naming the key and what is allowed,
 long before a model is built.
+
+Allowed ``model.name`` and ``data.name`` values come from the registries (``fastgpu_jax.models``,
+``fastgpu_jax.data``), read when a config is validated, so a model registered in a config file's body is
+accepted. The registries also say which optional keys each model and data set acts on: a key set away from
+its default where it would do nothing (``model.width`` for a ViT, ``data.augment`` for digits) is refused.
+Whether a data set's files exist is not checked here but when the data is first needed
+(``builders.dataset_info``), so ``bench`` can time a config whose files are absent.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import importlib.util
 import inspect
 import math
 import os
+from collections.abc import Sequence as _SequenceABC
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -50,9 +58,41 @@ def _non_negative(v):
 _INT, _FLOAT, _STR, _BOOL = (int,), (float, int), (str,), (bool,)
 _OPT_STR = (str, type(None))
 
-MODEL_NAMES = ("cnn", "mlp", "resnet18", "resnet34", "resnet50", "vit_ti16", "vit_s16", "vit_b16", "vit_ti4",
-               "vit_s4", "vit_b4")
-DATA_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+
+class _RegistryNames(_SequenceABC):
+    """The names a registry holds when asked (live: a model registered after this module was imported, say
+    by a config file, is in it). ``hint`` ends the error message of a name that is not there."""
+
+    def __init__(self, read: Callable[[], tuple], hint: str = ""):
+        self._read, self.hint = read, hint
+
+    def __getitem__(self, index):
+        return self._read()[index]
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __add__(self, other) -> tuple:
+        return tuple(self) + tuple(other)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+def _model_names() -> tuple:
+    from fastgpu_jax import models  # the registries sit above this module; read them only when validating
+
+    return models.names()
+
+
+def _data_names() -> tuple:
+    from fastgpu_jax import data
+
+    return data.DATASET_NAMES
+
+
+MODEL_NAMES = _RegistryNames(_model_names, hint="(or add one with fastgpu_jax.models.register)")
+DATA_NAMES = _RegistryNames(_data_names)
 
 # Shared schema and defaults. Config files set only what differs.
 SCHEMA: dict[str, Key] = {
@@ -62,7 +102,7 @@ SCHEMA: dict[str, Key] = {
     "data.dir": Key(None, _OPT_STR, help="folder with the data set's files (mnist, cifar10)"),
     "data.batch_size": Key(128, _INT, check=_positive, rule="> 0", help="global batch size"),
     "data.eval_batch_size": Key(256, _INT, check=_positive, rule="> 0"),
-    "data.augment": Key(False, _BOOL),
+    "data.augment": Key(False, _BOOL, help="random crop + flip (data sets that have it: cifar10)"),
     "data.image_size": Key(32, _INT, check=_positive, rule="> 0", help="synthetic only"),
     "data.channels": Key(3, _INT, check=_positive, rule="> 0", help="synthetic only"),
     "data.num_examples": Key(1024, _INT, check=_positive, rule="> 0", help="synthetic only"),
@@ -72,9 +112,10 @@ SCHEMA: dict[str, Key] = {
     "model.backend": Key("xla", _STR, choices=("xla", "pallas", "auto")),
     "model.pallas_tuning": Key("", _STR, help="JSON block-size table (pallas_kernels.tuning.save_table)"),
     "model.width": Key(0, _INT, check=_non_negative, rule=">= 0 (0: the model's usual width)",
-                       help="base channels (cnn 32, resnet 64) or hidden units (mlp 256)"),
+                       help="base channels (cnn 32, resnet 64) or hidden units (mlp 256); not vit"),
     "model.stem": Key("imagenet", _STR, choices=("imagenet", "cifar"), help="resnet stem"),
-    "model.dropout_rate": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
+    "model.dropout_rate": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)",
+                              help="cnn/mlp: after hidden layers; resnet: before the head; vit: see models/vit.py"),
     # train
     "train.steps": Key(1000, _INT, check=_positive, rule="> 0"),
     "train.log_every_steps": Key(50, _INT, check=_positive, rule="> 0"),
@@ -103,14 +144,15 @@ SCHEMA: dict[str, Key] = {
     # parallel (the multi-device strategies land with the parallel layer)
     "parallel.strategy": Key("none", _STR, choices=("none", "dp", "fsdp", "pmap")),
     "parallel.mesh": Key("", _STR, help="e.g. 'data=8' or 'data=2,fsdp=4' (empty: dp/pmap/none put all "
-                                        "devices on data, fsdp on fsdp)"),
+                                        "devices on data, fsdp on fsdp); no strategy uses a model axis yet"),
     "parallel.coordinator": Key("", _STR),
     "parallel.num_processes": Key(1, _INT, check=_positive, rule="> 0"),
     "parallel.process_id": Key(0, _INT, check=_non_negative, rule=">= 0"),
     "parallel.init_timeout_s": Key(300, _INT, check=_positive, rule="> 0",
                                    help="seconds to wait for every process to join"),
-    "parallel.fsdp_rules": Key(r"(kernel|embedding)$=auto", _STR,
-                               help="'regex=auto|spec;...': which params/optimizer state fsdp shards, how"),
+    "parallel.fsdp_rules": Key(r".*=auto", _STR,
+                               help="'regex=auto|spec;...': which params/optimizer state fsdp shards, how "
+                                    "(default: every leaf on its largest dimension that the fsdp axis divides)"),
     # logging
     "log.tensorboard": Key(True, _BOOL),
     "log.wandb": Key(False, _BOOL, help="Weights & Biases writer (pip install wandb; WANDB_MODE=offline works "
@@ -182,8 +224,9 @@ def _check_type(dotted: str, value: Any) -> Any:
 def _check_value(dotted: str, value: Any) -> None:
     key = SCHEMA[dotted]
     if key.choices is not None and value not in key.choices:
+        hint = getattr(key.choices, "hint", "")
         raise ConfigError(f"config key '{dotted}'={value!r} is not allowed; choose one of: "
-                          + ", ".join(map(str, key.choices)))
+                          + ", ".join(map(str, key.choices)) + (f" {hint}" if hint else ""))
     if key.check is not None and value is not None and not key.check(value):
         raise ConfigError(f"config key '{dotted}'={value!r} is impossible; it must be {key.rule}")
 
@@ -196,9 +239,6 @@ def _validate_combinations(flat: dict[str, Any]) -> None:
     if flat["optimizer.warmup_steps"] >= flat["train.steps"] and flat["optimizer.schedule"] == "warmup_cosine":
         raise ConfigError(f"optimizer.warmup_steps={flat['optimizer.warmup_steps']} must be smaller than "
                           f"train.steps={flat['train.steps']}")
-    if flat["data.name"] in ("mnist", "fashion_mnist", "cifar10") and not flat["data.dir"]:
-        raise ConfigError(f"data.dir is required for data.name='{flat['data.name']}' "
-                          "(the folder holding its local files)")
     profile = flat["train.profile_steps"]
     if profile:
         start, sep, end = profile.partition("-")
@@ -207,6 +247,40 @@ def _validate_combinations(flat: dict[str, Any]) -> None:
     if flat["parallel.process_id"] >= flat["parallel.num_processes"]:
         raise ConfigError(f"parallel.process_id={flat['parallel.process_id']} must be < "
                           f"parallel.num_processes={flat['parallel.num_processes']}")
+    mesh = flat["parallel.mesh"]
+    for part in mesh.split(","):
+        axis, _, size = (t.strip() for t in part.partition("="))
+        if axis == "model" and size.isdigit() and int(size) > 1:
+            raise ConfigError(f"parallel.mesh={mesh!r} puts {int(size)} devices on the model axis, but no "
+                              "strategy uses the model axis yet; spread the devices over data= and fsdp=")
+
+
+def _ignored_keys(flat: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, why) for each optional key set away from its default that the chosen model or data set would
+    ignore. The registries (fastgpu_jax.models, fastgpu_jax.data) say which keys act on what."""
+    from fastgpu_jax import data, models
+
+    out = []
+    name = flat["model.name"]
+    accepted = models.accepted_keys(name)
+    for key in models.OPTIONAL_KEYS:
+        dotted = f"model.{key}"
+        if key not in accepted and flat[dotted] != SCHEMA[dotted].default:
+            out.append((dotted, f"has no effect on model.name='{name}': {models.why_ignored(name, key)}"))
+    name = flat["data.name"]
+    spec = data.DATASETS[name]
+    for key in dict.fromkeys(o for s in data.DATASETS.values() for o in s.options):
+        dotted = f"data.{key}"
+        if key in spec.options or flat[dotted] == SCHEMA[dotted].default:
+            continue
+        users = ", ".join(n for n, s in data.DATASETS.items() if key in s.options)
+        if key == "augment":
+            why = f"it has no augmentation (data sets with augmentation: {users})"
+        else:
+            shape = "x".join(map(str, spec.image_shape)) if spec.image_shape else "fixed"
+            why = f"its images are {shape} ({dotted} applies to {users} only)"
+        out.append((dotted, f"has no effect on data.name='{name}': {why}"))
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -282,6 +356,10 @@ def _accepts_one_argument(fn) -> bool:
 def build_config(values: dict | ml_collections.ConfigDict | None = None,
                  overrides: Sequence[str] = ()) -> ml_collections.FrozenConfigDict:
     """Defaults <- values (nested or dotted) <- overrides; validated and frozen."""
+    return _build(values, overrides, reset_ignored=False)
+
+
+def _build(values, overrides: Sequence[str], reset_ignored: bool) -> ml_collections.FrozenConfigDict:
     flat = {k: key.default for k, key in SCHEMA.items()}
     for dotted, value in _flatten(values or {}).items():
         flat[dotted] = _check_type(dotted, value)
@@ -291,6 +369,11 @@ def build_config(values: dict | ml_collections.ConfigDict | None = None,
     for dotted, value in flat.items():
         _check_value(dotted, value)
     _validate_combinations(flat)
+    for dotted, why in _ignored_keys(flat):
+        if not reset_ignored:
+            default = SCHEMA[dotted].default
+            raise ConfigError(f"{dotted}={flat[dotted]!r} {why}; leave it at the default {default!r}")
+        flat[dotted] = SCHEMA[dotted].default
     cfg = default_config()
     for dotted, value in flat.items():
         section, _, name = dotted.rpartition(".")
@@ -309,8 +392,10 @@ def to_flat_dict(cfg) -> dict[str, Any]:
 
 
 def from_flat_dict(flat: dict[str, Any]) -> ml_collections.FrozenConfigDict:
-    """Rebuilds a validated config from ``to_flat_dict`` output (e.g. a workdir's config.json)."""
-    return build_config({k: v for k, v in flat.items()})
+    """Rebuilds a validated config from ``to_flat_dict`` output (e.g. a workdir's config.json). A key the
+    model or data set ignores (saved by an older version that accepted it) goes back to its default: it never
+    had an effect, and the run stays readable."""
+    return _build({k: v for k, v in flat.items()}, (), reset_ignored=True)
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

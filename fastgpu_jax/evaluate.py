@@ -12,6 +12,7 @@ import numpy as np
 
 from fastgpu_jax import checkpoint, config as config_lib, data, nn, steps
 from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info
+from fastgpu_jax.state import with_shardings
 
 
 def run_eval(eval_fn, state, batches: Iterable[dict], place=lambda b: b) -> dict:
@@ -42,10 +43,12 @@ def restore_state(workdir: str, cfg=None):
     """
     cfg = cfg or load_run_config(workdir)
     apply_kernel_tuning(cfg)
-    state = build_state(cfg)
+    # The restore target is abstract (jax.eval_shape): no init is compiled for values the checkpoint replaces.
+    abstract = build_state(cfg, abstract=True)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, read_only=True)
     try:
-        restored = ckpt.restore_latest(state)
+        restored = ckpt.restore_latest(with_shardings(abstract, jax.tree.map(lambda _: device, abstract)))
     finally:
         ckpt.close()
     if restored is None:

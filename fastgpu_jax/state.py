@@ -35,6 +35,9 @@ class StepOptions:
         return self.precision == "float16"
 
 
+ARRAY_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng", "loss_scale", "good_steps")
+
+
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
@@ -58,28 +61,39 @@ class TrainState(flax.struct.PyTreeNode):
 
 def create_train_state(model, tx: optax.GradientTransformation, *, seed: int, input_shape: tuple,
                        lr_fn: Callable | None = None, options: StepOptions = StepOptions(),
-                       loss_scale_init: float = 2.0 ** 15) -> TrainState:
-    """Initialises params (float32) from ``seed`` on an all-zeros batch of ``input_shape`` (N, H, W, C)."""
+                       loss_scale_init: float = 2.0 ** 15, shardings: Any = None,
+                       abstract: bool = False) -> TrainState:
+    """Initialises params (float32) from ``seed`` on an all-zeros batch of ``input_shape`` (N, H, W, C).
+
+    ``abstract=True`` returns the state's shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves, from
+    ``jax.eval_shape``: nothing is compiled or allocated): the target of a checkpoint restore, and what a
+    strategy reads to choose shardings. ``shardings`` (a TrainState-shaped tree of ``jax.sharding.Sharding``,
+    e.g. ``strategy.state_shardings(abstract_state)``) makes one jitted init write every leaf straight into
+    its shards: under FSDP no device and no host ever holds a whole parameter.
+    """
     base = jax.random.PRNGKey(seed)
     init_key, _ = jax.random.split(base)
 
-    @jax.jit
-    def _init():
-        return model.init({"params": init_key, "dropout": init_key}, jnp.zeros(input_shape, jnp.float32),
-                          train=False)
+    def arrays() -> dict:  # the array fields only: jit's out_shardings must not compare the static ones
+        variables = model.init({"params": init_key, "dropout": init_key}, jnp.zeros(input_shape, jnp.float32),
+                               train=False)
+        params = variables["params"]
+        return dict(step=jnp.asarray(0, jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), rng=base,
+                    loss_scale=jnp.asarray(loss_scale_init if options.dynamic_loss_scale else 1.0, jnp.float32),
+                    good_steps=jnp.asarray(0, jnp.int32))
 
-    variables = _init()
-    params = variables["params"]
-    return TrainState(
-        step=jnp.asarray(0, jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        rng=base,
-        loss_scale=jnp.asarray(loss_scale_init if options.dynamic_loss_scale else 1.0, jnp.float32),
-        good_steps=jnp.asarray(0, jnp.int32),
-        apply_fn=model.apply,
-        tx=tx,
-        lr_fn=lr_fn or (lambda step: jnp.nan),
-        options=options,
-    )
+    if abstract:
+        values = jax.eval_shape(arrays)
+    else:
+        out_shardings = None if shardings is None else {name: getattr(shardings, name) for name in ARRAY_FIELDS}
+        values = jax.jit(arrays, out_shardings=out_shardings)()
+    return TrainState(**values, apply_fn=model.apply, tx=tx, lr_fn=lr_fn or (lambda step: jnp.nan),
+                      options=options)
+
+
+def with_shardings(abstract_state: TrainState, shardings) -> TrainState:
+    """The abstract state with a sharding on every leaf: a restore target that Orbax reads straight into
+    those shards (a checkpoint written under another device count or strategy is resharded on read)."""
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract_state, shardings)

@@ -28,6 +28,7 @@ from fastgpu_jax import checkpoint, config as config_lib, data, nn, parallel, st
 from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info
 from fastgpu_jax.errors import CheckpointError, NonFiniteError
 from fastgpu_jax.evaluate import run_eval
+from fastgpu_jax.state import with_shardings
 from fastgpu_jax.writers import MetricWriter
 
 _PACKAGES = ("fastgpu_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
@@ -66,13 +67,16 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
                                      process_index=jax.process_index(), process_count=jax.process_count(),
                                      **data_kwargs(cfg))
 
-    state = build_state(cfg, info, axis_name=strategy.axis_name)
+    # The state is born in the strategy's layout: restored straight into its shards, or initialised by one
+    # jit with those out_shardings. Under fsdp no device and no host ever holds a whole parameter.
+    abstract = build_state(cfg, info, axis_name=strategy.axis_name, abstract=True)
+    shardings = strategy.state_shardings(abstract)
     ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
     writer = None
     try:
         if ckpt.steps():
             _check_resumable(cfg, workdir, allow_config_change)
-        restored = ckpt.restore_latest(state, set_aside_corrupt=True)
+        restored = ckpt.restore_latest(with_shardings(abstract, shardings), set_aside_corrupt=True)
         start, pending = 0, []
         if restored is not None:
             state, data_state, loop_state, start = restored
@@ -83,6 +87,8 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
                 f"{workdir} holds no usable checkpoint (see checkpoints/ and checkpoints_corrupt/), so resuming "
                 "would start over at step 0; pass --restart (API: restart=True) to set the earlier run aside "
                 "and train from scratch")
+        else:
+            state = build_state(cfg, info, axis_name=strategy.axis_name, shardings=shardings)
         _write_run_info(cfg, workdir, mesh)
 
         writer = MetricWriter(workdir, total_steps=t.steps, initial_step=start, tensorboard=cfg.log.tensorboard,

@@ -1,4 +1,5 @@
-"""The kernel benchmark runs (tiny, interpret mode) and covers the shapes it promises."""
+"""The kernel benchmark runs (tiny, interpret mode) and covers the shapes it promises; the model benchmark
+times a train step, on stand-in data when the config's data files are absent."""
 
 import json
 
@@ -31,17 +32,37 @@ def test_tiny_matmul_sweep_prints_a_table_and_json(tmp_path, capsys):
     assert bench.geomean([2.0, 0.5]) == 1.0
 
 
-def test_model_benchmark_times_the_step_on_cpu(capsys):
+def test_model_benchmark_times_the_step_on_cpu_on_stand_in_data(tmp_path, capsys):
+    """No CIFAR files in data.dir: the step is timed on synthetic data of CIFAR's shape, and one line says so
+    (one line however many rows)."""
     import fastgpu_jax as fg
     from conftest import DIGITS
 
-    cfg = fg.load_config(DIGITS, overrides=["data.batch_size=16"])
+    cfg = fg.load_config(DIGITS, overrides=["data.name=cifar10", f"data.dir={tmp_path}", "data.batch_size=16",
+                                            "model.num_classes=12"])
     rows = bench.run_model_benchmark(cfg, device_counts=(1,), steps=2)
     out = capsys.readouterr().out
     (row,) = rows
     assert row.devices == 1 and row.global_batch == 16 and row.step_s > 0 and row.efficiency == 1.0
     assert row.flops and row.flops > 0
     assert "examples/s" in out and "scaling" in out
+    notices = [line for line in out.splitlines() if "absent" in line]
+    assert len(notices) == 1, out
+    assert "cifar10 files are absent" in notices[0] and "32x32x3 images, 12 classes" in notices[0]
+
+
+def test_bench_data_is_real_when_present_and_broken_files_are_an_error(tmp_path, capsys):
+    import fastgpu_jax as fg
+    from conftest import DIGITS
+
+    assert bench.data_info(fg.load_config(DIGITS)).name == "digits"
+    assert bench.data_info(fg.load_config(DIGITS, overrides=["data.name=mnist"])).image_shape == (28, 28, 1)
+    assert "mnist files are absent (data.dir is not set)" in capsys.readouterr().out
+    for f in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        (tmp_path / f).write_bytes(b"not cifar")
+    with pytest.raises(ValueError, match="data_batch_1.bin"):  # present but corrupt: not "absent"
+        bench.data_info(fg.load_config(DIGITS, overrides=["data.name=cifar10", f"data.dir={tmp_path}"]))
+    assert "absent" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["resnet50", "vit_b16"])
@@ -51,10 +72,13 @@ def test_xla_flop_count_matches_the_analytic_one(name):
     from conftest import DIGITS
     from fastgpu_jax.builders import build_model
 
+    width = ["model.width=0"] if name.startswith("vit") else []  # a ViT's width is fixed by its variant
     cfg = fg.load_config(DIGITS, overrides=[f"model.name={name}", "model.num_classes=1000", "data.name=synthetic",
-                                            "data.image_size=224", "data.batch_size=2", "data.num_examples=8"])
+                                            "data.image_size=224", "data.batch_size=2", "data.num_examples=8",
+                                            *width])
     shape = (2, 224, 224, 3)
     batch = {"image": jnp.zeros(shape), "label": jnp.zeros((2,), jnp.int32)}
     xla = bench.xla_step_flops(fg.build_state(cfg), batch)
     analytic = bench.analytic_step_flops(build_model(cfg), shape)
     assert abs(xla / analytic - 1) < 0.05, (xla, analytic)
+

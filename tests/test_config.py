@@ -46,8 +46,14 @@ def test_int_is_accepted_for_float_and_kept_float():
     (["train.precision=float64"], ["train.precision", "bfloat16"]),
     (["model.backend=cuda"], ["model.backend", "pallas"]),
     (["data.batch_size=10", "train.grad_accum_steps=3"], ["data.batch_size=10", "grad_accum_steps=3"]),
-    (["data.name=mnist"], ["data.dir"]),
     (["model.dropout_rate=1.0"], ["model.dropout_rate"]),
+    # Keys the chosen model or data set would ignore (the digits config sets model.width=32):
+    (["model.name=vit_s4"], ["model.width=32", "vit_s4", "variant"]),
+    (["model.name=vit_s4", "model.width=0", "model.stem=cifar"], ["model.stem='cifar'", "vit_s4", "patch"]),
+    (["model.stem=cifar"], ["model.stem", "'cnn'", "ResNet"]),
+    (["data.augment=True"], ["data.augment=True", "'digits'", "cifar10"]),
+    (["data.image_size=16"], ["data.image_size=16", "'digits'", "8x8x1", "synthetic"]),
+    (["parallel.mesh=data=1,model=2"], ["parallel.mesh='data=1,model=2'", "model axis"]),
     (["noequals"], ["key=value"]),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(overrides, words):
@@ -57,6 +63,82 @@ def test_bad_values_fail_with_one_line_naming_the_key(overrides, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_keys_that_act_are_accepted():
+    assert fg.load_config(DIGITS, overrides=["model.name=resnet18", "model.stem=cifar"]).model.dropout_rate == 0.1
+    assert fg.load_config(DIGITS, overrides=["model.name=vit_s4", "model.width=0"]).model.dropout_rate == 0.1
+    assert fg.build_config({"data": {"name": "cifar10", "augment": True}}).data.augment
+    assert fg.build_config({"data": {"name": "synthetic", "image_size": 16}}).data.image_size == 16
+    assert fg.build_config({"parallel": {"mesh": "data=1,model=1"}}).parallel.mesh == "data=1,model=1"
+
+
+def test_a_saved_config_with_keys_that_had_no_effect_still_loads():
+    """config.json written before those keys were refused: they never acted, so they go back to defaults."""
+    flat = dict(C.to_flat_dict(fg.load_config(DIGITS)), **{"model.name": "vit_s4", "data.augment": True})
+    cfg = C.from_flat_dict(flat)
+    assert (cfg.model.width, cfg.data.augment, cfg.model.dropout_rate) == (0, False, 0.1)
+
+
+def test_missing_data_dir_is_refused_when_the_data_is_needed():
+    """Not at load time (``bench`` times such a config on stand-in data), but before anything reads data."""
+    from fastgpu_jax.builders import dataset_info
+
+    cfg = fg.load_config(DIGITS, overrides=["data.name=mnist"])
+    with pytest.raises(C.ConfigError) as err:
+        dataset_info(cfg)
+    assert "data.dir" in str(err.value) and "mnist" in str(err.value) and "\n" not in str(err.value)
+
+
+LINEAR_CONFIG = '''
+    """A linear classifier on digits, registered by this file. Run:
+        fastgpu-jax train --config linear.py --workdir runs/linear"""
+    import flax.linen as nn
+    import ml_collections
+
+    from fastgpu_jax import models
+    from fastgpu_jax.nn import Dense
+
+
+    class Linear(nn.Module):
+        num_classes: int
+        dropout_rate: float = 0.0
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x.reshape((x.shape[0], -1)))
+            return Dense(self.num_classes)(x)
+
+
+    models.register("test_linear", lambda num_classes, width, dropout_rate, stem, dtype, bn_axis_name=None:
+                    Linear(num_classes, dropout_rate), accepts=("dropout_rate",))
+
+
+    def get_config():
+        c = ml_collections.ConfigDict()
+        c.model = dict(name="test_linear", dropout_rate=0.1)
+        c.optimizer = dict(lr=0.01)
+        c.train = dict(steps=20, log_every_steps=10, checkpoint_every_steps=20)
+        c.log = dict(tensorboard=False, progress_bar=False)
+        return c
+'''
+
+
+def test_a_model_registered_in_a_config_file_trains(tmp_path, monkeypatch):
+    from fastgpu_jax import models
+
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # the registration ends with this test
+    monkeypatch.setattr(models, "_KEYS", dict(models._KEYS))
+    path = tmp_path / "linear.py"
+    path.write_text(textwrap.dedent(LINEAR_CONFIG))
+    summary = fg.train(fg.load_config(str(path)), workdir=str(tmp_path / "run"))
+    assert summary["step"] == 20 and summary["val"]["accuracy"] > 0.5, summary  # chance: 0.1
+    assert "test_linear" in C.MODEL_NAMES
+    with pytest.raises(C.ConfigError) as err:  # it did not declare width
+        fg.load_config(str(path), overrides=["model.width=8"])
+    message = str(err.value)
+    assert "model.width=8" in message and "test_linear" in message and "accepts=" in message
+    assert "\n" not in message
 
 
 def test_bad_files(tmp_path):

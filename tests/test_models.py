@@ -214,6 +214,24 @@ def test_dropout_is_random_in_train_and_off_in_eval(name):
         model.apply(variables, x, train=True)  # train mode with dropout needs a dropout rng
 
 
+def test_resnet_dropout_acts_in_training_only():
+    """Dropout before the head: train-mode logits change (and follow the 'dropout' rng), eval-mode logits and
+    the params do not, so a checkpoint loads whatever the rate."""
+    x = _x(CIFAR)
+    plain = models.build("resnet18", **SMALL_RESNET)
+    dropped = models.build("resnet18", dropout_rate=0.5, **SMALL_RESNET)
+    variables = plain.init(KEY, x)
+    jax.tree.map(np.testing.assert_array_equal, variables, dropped.init(KEY, x))
+
+    def train(model, seed):
+        return model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed, impl="rbg")},
+                           mutable=["batch_stats"])[0]
+
+    t_plain, t1, t2 = train(plain, 1), train(dropped, 1), train(dropped, 2)
+    assert not np.allclose(t1, t_plain) and not np.allclose(t1, t2)
+    np.testing.assert_array_equal(dropped.apply(variables, x), plain.apply(variables, x))
+
+
 # --- bfloat16 compute -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, shape, kwargs", [
@@ -256,6 +274,27 @@ def test_unknown_model_names_the_known_ones():
     assert set(models.MODEL_NAMES) >= {"cnn", "mlp", *RESNETS}
     for name in models.MODEL_NAMES:
         assert name in str(err.value)
+
+
+def test_the_registry_knows_which_optional_keys_each_model_acts_on(monkeypatch):
+    assert models.accepted_keys("resnet50") == set(models.OPTIONAL_KEYS)
+    assert models.accepted_keys("cnn") == models.accepted_keys("mlp") == {"width", "dropout_rate"}
+    assert models.accepted_keys("vit_s4") == {"dropout_rate"}
+    assert "variant" in models.why_ignored("vit_s4", "width") and "ResNet" in models.why_ignored("cnn", "stem")
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # registrations end with this test
+    monkeypatch.setattr(models, "_KEYS", dict(models._KEYS))
+    factory = lambda num_classes, width, dropout_rate, stem, dtype, bn_axis_name=None: models.CNN(  # noqa: E731
+        num_classes, width or 4, dropout_rate, dtype)
+    models.register("mine", factory)
+    assert "mine" in models.names() and "mine" not in models.MODEL_NAMES and not models.accepted_keys("mine")
+    assert "accepts=()" in models.why_ignored("mine", "width")
+    assert models.build("mine").width == 4  # a registered model gets width=None: "your usual width"
+    models.register("mine", factory, accepts=["width"])
+    assert models.accepted_keys("mine") == {"width"}
+    with pytest.raises(ValueError, match=r"tuple of key names.*\('width',\)"):
+        models.register("mine", factory, accepts="width")
+    with pytest.raises(ValueError, match="'depth'.*width, stem, dropout_rate"):
+        models.register("mine", factory, accepts=("depth",))
 
 
 def test_unknown_resnet_stem_is_an_error():

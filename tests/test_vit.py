@@ -2,7 +2,6 @@
 reference, every projection through the op backend, bf16 compute with float32 params, dropout, a tiny ViT
 that learns digits through the library's train_step, the configs, and a tiny end-to-end ``fg.train``."""
 
-import dataclasses
 import math
 import os
 
@@ -260,14 +259,13 @@ def test_tiny_vit_end_to_end_train(tmp_path, monkeypatch):
     """``fg.train`` (bf16, AdamW, checkpoint, final eval) with a tiny ViT registered for this test only.
     The configs' own ``:tiny`` / ``:smoke`` variants keep the full ViT-B/16 / ViT-S/4 networks and take
     35-50 s on a 2-core CPU (mostly XLA compiling the 12-block train step), so they are not run here."""
-    monkeypatch.setitem(models._REGISTRY, "vit_test_tiny",
-                        lambda num_classes, width, dropout_rate, stem, dtype, bn_axis_name=None: vit_lib.ViT(
-                            **{**TINY, "num_classes": num_classes}, dropout_rate=dropout_rate, dtype=dtype))
-    key = config_lib.SCHEMA["model.name"]
-    monkeypatch.setitem(config_lib.SCHEMA, "model.name",
-                        dataclasses.replace(key, choices=key.choices + ("vit_test_tiny",)))
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # the registration ends with this test
+    monkeypatch.setattr(models, "_KEYS", dict(models._KEYS))
+    models.register("vit_test_tiny", lambda num_classes, width, dropout_rate, stem, dtype, bn_axis_name=None:
+                    vit_lib.ViT(**{**TINY, "num_classes": num_classes}, dropout_rate=dropout_rate, dtype=dtype),
+                    accepts=("dropout_rate",))
     cfg = fg.load_config(os.path.join(ROOT, "configs/digits_cnn.py:quick"), overrides=[
-        "model.name=vit_test_tiny", "optimizer.name=adamw", "optimizer.weight_decay=0.01",
+        "model.name=vit_test_tiny", "model.width=0", "optimizer.name=adamw", "optimizer.weight_decay=0.01",
         "train.precision=bfloat16", "train.steps=30", "train.eval_every_steps=0", "train.checkpoint_every_steps=30",
         "log.tensorboard=False", "log.progress_bar=False"])
     summary = fg.train(cfg, workdir=str(tmp_path))

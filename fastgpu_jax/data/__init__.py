@@ -3,6 +3,9 @@
 Takes plain values only (names, paths, sizes, seeds): it knows nothing of
 configs, models or the train loop, so it can be tested and reused alone.
 
+    DATASETS[name] -> DatasetSpec (usual image shape, classes, files, the data.* options it uses):
+        the registry the config takes allowed data.name values from
+    files_missing(name, data_dir=None) -> "" or why its files cannot be found
     info(name, data_dir=None, *, image_size=32, channels=3, num_classes=10, num_examples=1024)
     load_split(name, split, data_dir=None, **synthetic_kw) -> (images, labels)
     normalize(images, info) -> float32
@@ -14,9 +17,12 @@ configs, models or the train loop, so it can be tested and reused alone.
 from .pipeline import CROP_PADDING, eval_batches, train_dataset, train_iterator
 from .sources import (
     DATASET_NAMES,
+    DATASETS,
     SPLITS,
     VAL_SIZE,
     DatasetInfo,
+    DatasetSpec,
+    files_missing,
     info,
     load_split,
     normalize,
@@ -27,10 +33,13 @@ from .sources import (
 __all__ = [
     "CROP_PADDING",
     "DATASET_NAMES",
+    "DATASETS",
     "SPLITS",
     "VAL_SIZE",
     "DatasetInfo",
+    "DatasetSpec",
     "eval_batches",
+    "files_missing",
     "info",
     "load_split",
     "normalize",

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
 SPLITS = ("train", "val", "test")
 # Held-out validation examples taken from the end of the train files (IDX, CIFAR).
 VAL_SIZE = 5000
@@ -61,6 +60,33 @@ _CIFAR_STD = (63.0, 62.1, 66.7)
 _NUM_CLASSES = 10
 
 _SYNTHETIC_DEFAULTS = {"image_size": 32, "channels": 3, "num_classes": 10, "num_examples": 1024}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What is known of a data set before reading it: the registry entry behind ``DATASETS``.
+
+    ``image_shape``/``num_classes``: its usual (H, W, C) and class count (None for ``synthetic``, whose
+    options set them). ``files``: what ``data.dir`` must hold ("" when the set needs no files).
+    ``options``: the ``data.*`` config keys, beyond name, dir and the batch sizes, that act on this set;
+    a config setting any other of them away from its default is refused (it would do nothing).
+    """
+
+    image_shape: tuple | None
+    num_classes: int | None
+    files: str = ""
+    options: tuple = ()
+
+
+# The data set registry: config.py takes the allowed ``data.name`` values and per-set options from here.
+DATASETS = {
+    "digits": DatasetSpec((8, 8, 1), 10),
+    "mnist": DatasetSpec((28, 28, 1), 10, files="the MNIST IDX files"),
+    "fashion_mnist": DatasetSpec((28, 28, 1), 10, files="the Fashion-MNIST IDX files"),
+    "cifar10": DatasetSpec((32, 32, 3), 10, files="the CIFAR-10 binary batches", options=("augment",)),
+    "synthetic": DatasetSpec(None, None, options=("image_size", "channels", "num_examples")),
+}
+DATASET_NAMES = tuple(DATASETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,10 +281,14 @@ def _split_train_val(train, test, train_file: Path) -> dict:
     }
 
 
-def _idx_splits(name: str, data_dir) -> dict:
+def _idx_paths(name: str, data_dir) -> tuple:
     expected = ", ".join(f"{b}[.gz]" for b in _IDX_FILES.values()) + " (IDX format)"
     d = _resolve_dir(name, data_dir, expected)
-    paths = [_find_idx(d, base) for base in _IDX_FILES.values()]
+    return d, [_find_idx(d, base) for base in _IDX_FILES.values()]
+
+
+def _idx_splits(name: str, data_dir) -> dict:
+    d, paths = _idx_paths(name, data_dir)
     return _idx_splits_cached(name, str(d), _signature(paths))
 
 
@@ -341,6 +371,23 @@ def _splits(name: str, data_dir, synthetic_kw: dict) -> dict:
         return _cifar_splits(data_dir)
     arrays = _synthetic_arrays(*opts)
     return {s: arrays for s in SPLITS}
+
+
+def files_missing(name: str, data_dir=None) -> str:
+    """Why the files of data set ``name`` cannot be found (one line), or "" when they are all there or the
+    set needs none. Only presence is checked: a present but corrupt file is for ``info``/``load_split`` to
+    report. Lets a caller that needs only the shapes (a speed benchmark) tell "absent" from "broken"."""
+    _check_name(name)
+    if not DATASETS[name].files:
+        return ""
+    try:
+        if name == "cifar10":
+            _cifar_dir(data_dir)
+        else:
+            _idx_paths(name, data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return ""
 
 
 def split_arrays(name: str, split: str, data_dir=None, **synthetic_kw) -> tuple:

@@ -4,6 +4,8 @@
 (32x32 inputs). Parameter count of ResNet-50 on 1000 classes: 25,557,032, as torchvision's.
 BatchNorm runs in float32 statistics whatever the compute dtype; the last BN of each residual branch is
 zero-initialised (a common trick that helps large-batch training; set ``zero_init_residual=False`` to undo).
+``dropout_rate`` > 0 drops pooled features before the head in training (``train=True``, drawing from the
+'dropout' rng); it adds no parameters, so a checkpoint loads whatever the rate.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     zero_init_residual: bool = True
     bn_axis_name: str | None = None  # dp/pmap: BatchNorm statistics averaged over this mapped axis
+    dropout_rate: float = 0.0  # on the pooled features, before the head (train mode only)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -92,6 +95,7 @@ class ResNet(nn.Module):
                 x = self.block(self.width * 2 ** i, strides, conv=conv, norm=norm,
                                zero_init_residual=self.zero_init_residual, name=f"stage{i}_block{j}")(x)
         x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 

@@ -2,7 +2,9 @@
 
 The loop calls only these methods, whatever ``parallel.strategy`` says:
 
-    place_state(state)            host/unsharded TrainState -> device layout of this strategy
+    state_shardings(abstract)     a Sharding per leaf of a (possibly abstract) TrainState: the layout the state
+                                  is created in (jit out_shardings) and restored into
+    place_state(state)            TrainState -> device layout of this strategy (no copy if already there)
     host_state(state)             device layout -> one logical TrainState (for checkpoints and evaluation)
     place_batch(batch, is_global) numpy batch -> device arrays (``is_global``: every process holds the whole
                                   batch, e.g. eval; otherwise each process holds only its own rows)
@@ -48,6 +50,18 @@ def _global_array(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def _place(state, shardings):
+    """``state`` in ``shardings``: a no-op for arrays already laid out so (created or restored sharded), a
+    device-to-device reshard for other global arrays, a per-process copy for host values."""
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array):
+            return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
+        return _global_array(x, sharding)
+
+    return jax.tree.map(put, state, shardings)
+
+
 class SingleDevice:
     """Strategy ``none``: everything on the first device of the mesh, jit, state buffers donated."""
 
@@ -57,6 +71,10 @@ class SingleDevice:
     def __init__(self, mesh):
         self.mesh = mesh
         self.device = mesh.devices.flat[0]
+
+    def state_shardings(self, state):
+        one = jax.sharding.SingleDeviceSharding(self.device)
+        return jax.tree.map(lambda _: one, state)
 
     def place_state(self, state):
         return jax.device_put(state, self.device)
@@ -103,8 +121,11 @@ class DataParallel(_Sharded):
             raise ValueError(f"parallel.strategy=dp puts every device on the data axis; got mesh {dict(mesh.shape)}")
         super().__init__(mesh)
 
+    def state_shardings(self, state):
+        return jax.tree.map(lambda _: self.replicated, state)
+
     def place_state(self, state):
-        return jax.tree.map(lambda x: _global_array(x, self.replicated), _to_numpy(state))
+        return _place(state, self.state_shardings(state))
 
     def _map(self, fn, out_specs):
         return jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(BATCH_AXES)), out_specs=out_specs,
@@ -172,20 +193,19 @@ class FullyShardedDataParallel(_Sharded):
     name = "fsdp"
     axis_name = None
 
-    def __init__(self, mesh, rules: str = r"(kernel|embedding)$=auto"):
+    def __init__(self, mesh, rules: str = r".*=auto"):
         super().__init__(mesh)
         self.rules = parse_rules(rules)
         self._state_shardings = None
 
     def state_shardings(self, state):
         specs = partition_specs(state, self.rules, self.mesh.shape["fsdp"])
-        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
-                            is_leaf=lambda x: isinstance(x, P))
+        self._state_shardings = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
+                                             is_leaf=lambda x: isinstance(x, P))
+        return self._state_shardings
 
     def place_state(self, state):
-        host = _to_numpy(state)
-        self._state_shardings = self.state_shardings(host)
-        return jax.tree.map(_global_array, host, self._state_shardings)
+        return _place(state, self.state_shardings(state))
 
     def compile_train(self, train_step: Callable) -> Callable:
         if self._state_shardings is None:
@@ -216,6 +236,11 @@ class Pmap:
     def _put(self, stacked: np.ndarray) -> jax.Array:
         """(n_devices, ...) host array -> one slice per device, as pmap expects."""
         return jax.device_put(stacked, self._sharding)
+
+    def state_shardings(self, state):
+        """The first device: pmap's stacked copies are made from it by ``place_state`` (via the host)."""
+        one = jax.sharding.SingleDeviceSharding(self.devices[0])
+        return jax.tree.map(lambda _: one, state)
 
     def place_state(self, state):
         return jax.tree.map(lambda x: self._put(np.stack([x] * self.n)), _to_numpy(state))
