@@ -18,7 +18,10 @@ replaces ``fg.nn.Dense`` / ``fg.nn.Conv`` ``__call__`` by
                        (``lax.dot_general`` / ``lax.conv_general_dilated`` with preferred_element_type=int32)
     otherwise:         the layer's own float op with the dequantized kernel q * scale (weight-only int8)
 
-so no model code changes. Kernels of other modules (none in the built-in models) run weight-only too, since
+so no model code changes. The int8 op covers 2-D NHWC convs (batched or not) with SAME/VALID/explicit
+padding and Dense over the last axis; a calibrated layer outside that (1-D/3-D or extra batch dims,
+CIRCULAR/REFLECT/CAUSAL padding, input dilation, a mask, a user-supplied dot_general/conv function) runs
+weight-only. Kernels of other modules (none in the built-in models) run weight-only too, since
 the params passed to the model hold every quantized kernel dequantized.
 
 Quantized variables (what the forward takes and what is saved) are nested dicts that mirror the params tree:
@@ -43,6 +46,7 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.linear import canonicalize_padding
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
 
@@ -51,7 +55,8 @@ from fastgpu_jax import data, nn, steps
 from fastgpu_jax.builders import build_model, data_kwargs
 from fastgpu_jax.evaluate import restore_state
 from fastgpu_jax.inference import read_payload
-from fastgpu_jax.nn.layers import Conv, Dense, _padding, _pair
+from fastgpu_jax.nn.backend import LayerOp
+from fastgpu_jax.nn.layers import Conv, Dense
 
 QMAX = 127
 FORMAT = "fastgpu_jax.quantized/1"
@@ -174,17 +179,44 @@ def int8_dense(module: Dense, x, q, scale, input_scale, bias=None):
     return y.astype(_out_dtype(module, x))
 
 
+def _pair(value) -> tuple[int, ...]:
+    """A flax conv's strides/dilation field as a tuple (None and ints broadcast over the 2 spatial dims)."""
+    value = 1 if value is None else value
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _int8_conv_padding(module: Conv, x, q):
+    """The lax padding of a conv layer the int8 op computes exactly, or None (it then runs weight-only)."""
+    if q.ndim != 4 or x.ndim not in (3, 4) or module.mask is not None or _pair(module.input_dilation) != (1, 1):
+        return None
+    padding = canonicalize_padding(module.padding, 2)
+    if isinstance(padding, str):
+        return padding.upper() if padding.upper() in ("SAME", "VALID") else None
+    return tuple(tuple(p) for p in padding)
+
+
+def _own_op(module) -> bool:
+    """Whether the layer runs its default op (not a user-supplied dot_general/conv function)."""
+    if isinstance(module, Dense):
+        return module.dot_general_cls is None and isinstance(module.dot_general, LayerOp)
+    return module.conv_general_dilated_cls is None and isinstance(module.conv_general_dilated, LayerOp)
+
+
 def int8_conv(module: Conv, x, q, scale, input_scale, bias=None):
     """int8 x int8 -> int32 NHWC x HWIO convolution with the module's strides/padding/dilation/groups,
-    rescaled to float, plus bias. Symmetric quantization keeps zero padding exact."""
+    rescaled to float, plus bias. Symmetric quantization keeps zero padding exact. Only for the layers
+    ``_int8_conv_padding`` accepts."""
+    padding = _int8_conv_padding(module, x, q)
+    if padding is None:
+        raise ValueError(f"int8_conv covers 2-D NHWC convs with SAME/VALID/explicit padding, no mask or input "
+                         f"dilation; got kernel {q.shape}, input {x.shape}, padding {module.padding!r}")
     unbatched = x.ndim == 3
     if unbatched:
         x = x[None]
     xq = _quantize_input(x, input_scale)
     dn = lax.conv_dimension_numbers(xq.shape, q.shape, ("NHWC", "HWIO", "NHWC"))
-    acc = lax.conv_general_dilated(xq, q, window_strides=_pair(module.strides, "strides"),
-                                   padding=_padding(module.padding),
-                                   rhs_dilation=_pair(module.kernel_dilation, "kernel_dilation"),
+    acc = lax.conv_general_dilated(xq, q, window_strides=_pair(module.strides), padding=padding,
+                                   rhs_dilation=_pair(module.kernel_dilation),
                                    dimension_numbers=dn, feature_group_count=module.feature_group_count,
                                    preferred_element_type=jnp.int32)
     y = acc.astype(jnp.float32) * (input_scale * scale)
@@ -202,6 +234,8 @@ def _int8_interceptor(next_fun, args, kwargs, context):
     if not (m.has_variable("int8", "kernel") and m.has_variable("input_scales", "kernel")):
         return next_fun(*args, **kwargs)  # weight-only: the module's float op on the dequantized kernel
     q, scale = m.get_variable("int8", "kernel"), m.get_variable("scales", "kernel")
+    if not _own_op(m) or (isinstance(m, Conv) and _int8_conv_padding(m, args[0], q) is None):
+        return next_fun(*args, **kwargs)  # outside what the int8 op computes exactly: weight-only
     input_scale = jnp.asarray(m.get_variable("input_scales", "kernel"), jnp.float32)
     bias = m.get_variable("params", "bias") if m.use_bias else None
     fn = int8_dense if isinstance(m, Dense) else int8_conv

@@ -2,6 +2,7 @@
 default_backend > xla)."""
 
 import contextlib
+import dataclasses
 import types
 
 import flax.linen as fnn
@@ -21,8 +22,9 @@ OTHER_KEY = jax.random.key(1, impl="rbg")
 
 def _close(a, b, dtype=jnp.float32):
     assert a.dtype == b.dtype, (a.dtype, b.dtype)
-    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-6
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    tol = 1e-2 if jnp.dtype(dtype).itemsize <= 2 else 1e-6
+    as_np = np.complex128 if jnp.iscomplexobj(a) else np.float32
+    np.testing.assert_allclose(np.asarray(a, as_np), np.asarray(b, as_np), rtol=tol, atol=tol)
 
 
 def _same_tree(a, b, dtype=jnp.float32):
@@ -45,46 +47,55 @@ DENSE_CASES = {
     "no_bias": dict(shape=(3, 5), kw=dict(features=7, use_bias=False)),
     "bf16": dict(shape=(3, 5), kw=dict(features=7, dtype=jnp.bfloat16)),
     "bf16_3d": dict(shape=(2, 4, 5), kw=dict(features=6, dtype=jnp.bfloat16)),
+    "f16": dict(shape=(3, 5), kw=dict(features=7, dtype=jnp.float16)),
+    "unbatched": dict(shape=(5,), kw=dict(features=7)),
+    "complex_input": dict(shape=(3, 5), x_dtype=jnp.complex64, kw=dict(features=7)),
+    "complex_params": dict(shape=(3, 5), kw=dict(features=7, param_dtype=jnp.complex64)),
 }
 
 NCHW = (2, 9, 10, 4)  # odd spatial sizes make SAME/stride-2 padding asymmetric
+K3 = (3, 3)
 CONV_CASES = {
-    "k1": dict(shape=NCHW, kw=dict(features=6, kernel_size=1)),
-    "k3": dict(shape=NCHW, kw=dict(features=6, kernel_size=3)),
+    "k1": dict(shape=NCHW, kw=dict(features=6, kernel_size=(1, 1))),
+    "k3": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3)),
     "k3x5": dict(shape=NCHW, kw=dict(features=6, kernel_size=(3, 5))),
-    "k3_stride2": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, strides=2)),
+    "k3_stride2": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, strides=2)),
     "k3x5_stride_1x2": dict(shape=NCHW, kw=dict(features=6, kernel_size=(3, 5), strides=(1, 2))),
     "k3x5_stride2_valid": dict(shape=NCHW, kw=dict(features=6, kernel_size=(3, 5), strides=2, padding="VALID")),
-    "valid": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, padding="VALID")),
-    "pad_int": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, padding=1)),
+    "valid": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, padding="VALID")),
+    "pad_int": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, padding=1)),
     "pad_int2_stride2": dict(shape=NCHW, kw=dict(features=6, kernel_size=(3, 5), strides=2, padding=2)),
-    "pad_pairs": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, padding=((1, 2), (0, 1)))),
+    "pad_pairs": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, padding=((1, 2), (0, 1)))),
     "pad_pairs_stride2": dict(shape=NCHW, kw=dict(features=6, kernel_size=(3, 5), strides=2,
                                                   padding=((2, 0), (1, 3)))),
-    "dilation2": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, kernel_dilation=2)),
+    "circular_stride2": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, strides=2, padding="CIRCULAR")),
+    "reflect": dict(shape=NCHW, kw=dict(features=6, kernel_size=(3, 5), padding="REFLECT")),
+    "dilation2": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, kernel_dilation=2)),
     "dilation2_valid": dict(shape=NCHW, kw=dict(features=6, kernel_size=(3, 2), kernel_dilation=2,
                                                 padding="VALID")),
-    "groups2": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, feature_group_count=2)),
-    "no_bias": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, use_bias=False)),
-    "unbatched_hwc": dict(shape=NCHW[1:], kw=dict(features=6, kernel_size=3)),
+    "input_dilation2": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, input_dilation=2, padding=1)),
+    "groups2": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, feature_group_count=2)),
+    "no_bias": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, use_bias=False)),
+    "mask": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3,
+                                     mask=jnp.asarray(np.tril(np.ones((3, 3, 4, 6), np.float32))))),
+    "unbatched_hwc": dict(shape=NCHW[1:], kw=dict(features=6, kernel_size=K3)),
     "unbatched_stride2": dict(shape=NCHW[1:], kw=dict(features=6, kernel_size=(3, 5), strides=2)),
-    "bf16": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, dtype=jnp.bfloat16)),
-    "bf16_stride2_groups": dict(shape=NCHW, kw=dict(features=6, kernel_size=3, strides=2,
+    "extra_batch_dims": dict(shape=(2, 3, 7, 6, 4), kw=dict(features=6, kernel_size=K3)),
+    "1d_int_kernel_size": dict(shape=(2, 9, 4), kw=dict(features=6, kernel_size=3)),
+    "1d_causal_dilation2": dict(shape=(2, 9, 4), kw=dict(features=6, kernel_size=(3,), padding="CAUSAL",
+                                                          kernel_dilation=2)),
+    "3d": dict(shape=(2, 5, 6, 7, 4), kw=dict(features=6, kernel_size=(3, 3, 2), strides=(1, 2, 1))),
+    "bf16": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, dtype=jnp.bfloat16)),
+    "bf16_stride2_groups": dict(shape=NCHW, kw=dict(features=6, kernel_size=K3, strides=2,
                                                     feature_group_count=2, dtype=jnp.bfloat16)),
+    "complex_input": dict(shape=NCHW, x_dtype=jnp.complex64, kw=dict(features=6, kernel_size=K3)),
 }
 
 
-def _flax_kw(kind, kw):
-    """flax.linen.Conv reads an int kernel_size as 1-D; ours (2-D only) as (k, k)."""
-    kw = dict(kw)
-    if kind == "conv" and isinstance(kw["kernel_size"], int):
-        kw["kernel_size"] = (kw["kernel_size"],) * 2
-    return kw
-
-
 def _pair(kind, kw):
+    """Ours and flax's layer from the same arguments: ours must read every one of them as flax does."""
     ours = (fnx.Dense if kind == "dense" else fnx.Conv)(**kw)
-    ref = (fnn.Dense if kind == "dense" else fnn.Conv)(**_flax_kw(kind, kw))
+    ref = (fnn.Dense if kind == "dense" else fnn.Conv)(**kw)
     return ours, ref
 
 
@@ -96,7 +107,7 @@ ALL_CASES = ([pytest.param("dense", c, id=f"dense-{n}") for n, c in DENSE_CASES.
 def test_params_and_outputs_match_flax(kind, case):
     ours, ref = _pair(kind, case["kw"])
     dtype = case["kw"].get("dtype", jnp.float32)
-    x = _x(case["shape"])
+    x = _x(case["shape"], case.get("x_dtype", jnp.float32))
     # Eager on purpose: op-by-op compiles are cached per primitive and shape and shared between cases,
     # which on CPU is much cheaper than one jit compile per module and case.
     init_ours, init_ref, apply_ours, apply_ref = ours.init, ref.init, ours.apply, ref.apply
@@ -107,12 +118,13 @@ def test_params_and_outputs_match_flax(kind, case):
     assert set(v_ours) == {"params"}
     expected_names = {"kernel", "bias"} if case["kw"].get("use_bias", True) else {"kernel"}
     assert set(v_ours["params"]) == expected_names
-    for leaf in jax.tree_util.tree_leaves(v_ours):
-        assert leaf.dtype == jnp.float32  # params stay float32 whatever the compute dtype
+    for leaf in jax.tree_util.tree_leaves(v_ours):  # param_dtype whatever the compute dtype
+        assert leaf.dtype == case["kw"].get("param_dtype", jnp.float32)
 
     y_ours, y_ref = apply_ours(v_ours, x), apply_ref(v_ref, x)
     assert y_ours.shape == y_ref.shape
-    assert y_ours.dtype == y_ref.dtype == dtype
+    assert y_ours.dtype == y_ref.dtype
+    assert "dtype" not in case["kw"] or y_ours.dtype == dtype
     _close(y_ours, y_ref, dtype)
 
     # Cross-loading: params made by one module (with another key) give the same outputs in the other.
@@ -164,24 +176,159 @@ def test_params_match_flax_with_a_threefry_key(kind, case):
     _same_tree(ours.init(key, x), ref.init(key, x))
 
 
-def test_conv_int_kernel_size_is_square():
-    x = _x(NCHW)
-    v = fnx.Conv(6, 3).init(KEY, x)
-    assert v["params"]["kernel"].shape == (3, 3, 4, 6)
+def test_conv_int_kernel_size_is_1d_as_in_flax():
+    """An int kernel_size is a 1-D kernel (flax reads ``3`` as ``(3,)``), whatever the input rank."""
+    x = _x((2, 9, 4))
+    v = fnx.Conv(6, kernel_size=3).init(KEY, x)
+    assert v["params"]["kernel"].shape == fnn.Conv(6, kernel_size=3).init(KEY, x)["params"]["kernel"].shape
+    assert v["params"]["kernel"].shape == (3, 4, 6)
+    x4 = _x(NCHW)  # (2, 9) are batch dims for a 1-D kernel
+    y, v4 = fnx.Conv(6, kernel_size=3).init_with_output(KEY, x4)
+    assert v4["params"]["kernel"].shape == (3, 4, 6) and y.shape == (2, 9, 10, 6)
 
 
-@pytest.mark.parametrize("kw, x_shape, words", [
-    (dict(features=4, kernel_size=3, padding="CIRCULAR"), NCHW, ["CIRCULAR"]),
-    (dict(features=4, kernel_size=(3, 3, 3)), NCHW, ["kernel_size"]),
-    (dict(features=4, kernel_size=3, strides=(1, 1, 1)), NCHW, ["strides"]),
-    (dict(features=4, kernel_size=3, feature_group_count=3), NCHW, ["feature_group_count=3"]),
-    (dict(features=4, kernel_size=3), (2, 9, 10, 4, 1), ["NHWC"]),
+def test_fields_and_auto_names_are_flaxs():
+    for ours, theirs in ((fnx.Dense, fnn.Dense), (fnx.Conv, fnn.Conv)):
+        assert issubclass(ours, theirs)
+        names = [f.name for f in dataclasses.fields(ours)]
+        assert names == [f.name for f in dataclasses.fields(theirs)][:-2] + ["backend", "parent", "name"]
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnx.Dense(3)(fnx.Conv(4, (3, 3))(x).reshape(x.shape[0], -1))
+
+    v = jax.eval_shape(Net().init, KEY, jnp.zeros((1, 5, 5, 2)))
+    assert set(v["params"]) == {"Conv_0", "Dense_0"}
+
+
+@pytest.mark.parametrize("kw, x_shape", [
+    (dict(features=4, kernel_size=(3, 3), feature_group_count=3), NCHW),  # 4 channels, 3 groups
+    (dict(features=4, kernel_size=(3, 3), padding="CAUSAL"), NCHW),  # CAUSAL is 1-D only
+    (dict(features=4, kernel_size=(3, 3), padding=(1, 2, 3)), NCHW),  # 3 pads for 2 spatial dims
+    (dict(features=4, kernel_size=(3, 3), mask=jnp.ones((3, 3, 4, 5))), NCHW),  # mask of the wrong shape
+    (dict(features=4, kernel_size=(3, 3), padding="SIDEWAYS"), NCHW),
 ])
-def test_conv_rejects_bad_arguments(kw, x_shape, words):
-    with pytest.raises(ValueError) as err:
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_conv_rejects_what_flax_rejects(kw, x_shape, backend):
+    with pytest.raises(Exception) as theirs:
+        jax.eval_shape(fnn.Conv(**kw).init, KEY, jnp.zeros(x_shape))
+    with fnx.use_backend(backend), pytest.raises(type(theirs.value)):
         jax.eval_shape(fnx.Conv(**kw).init, KEY, jnp.zeros(x_shape))
-    for w in words:
-        assert w in str(err.value)
+
+
+# --- user-supplied ops and promote_dtype are used as in flax --------------------------------------
+
+def _counting(fn, calls):
+    def op(*args, **kwargs):
+        calls.append(fn.__name__)
+        return fn(*args, **kwargs)
+    return op
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_a_user_supplied_op_is_used_and_not_dispatched(backend):
+    calls = []
+    dot, conv = _counting(jax.lax.dot_general, calls), _counting(jax.lax.conv_general_dilated, calls)
+    dense_x, conv_x = _x((3, 4)), _x((2, 6, 6, 3))
+    cases = [
+        (fnx.Dense(5, dot_general=dot), fnn.Dense(5), dense_x),
+        (fnx.Dense(5, dot_general_cls=lambda: dot), fnn.Dense(5), dense_x),
+        (fnx.Conv(5, (3, 3), conv_general_dilated=conv), fnn.Conv(5, (3, 3)), conv_x),
+        (fnx.Conv(5, (3, 3), conv_general_dilated_cls=lambda: conv), fnn.Conv(5, (3, 3)), conv_x),
+    ]
+    for ours, ref, x in cases:
+        params = ref.init(KEY, x)
+        calls.clear()
+        with fnx.use_backend(backend), B.record_ops() as ops:
+            y = ours.apply(params, x)
+        assert len(calls) == 1 and ops == []  # the user's op ran, our dispatch saw nothing
+        np.testing.assert_array_equal(y, ref.apply(params, x))
+
+
+def test_promote_dtype_is_used():
+    seen = []
+
+    def promote(*args, dtype=None, inexact=True):
+        seen.append(dtype)
+        return [None if a is None else jnp.asarray(a, jnp.float32) for a in args]
+
+    x = _x((2, 6, 6, 3))
+    for layer in (fnx.Dense(5, promote_dtype=promote), fnx.Conv(5, (3, 3), promote_dtype=promote)):
+        layer.init(KEY, x)
+    assert len(seen) == 2
+
+
+def test_clone_rebinds_the_backend():
+    layer = fnx.Dense(5, backend="pallas")
+    assert layer.dot_general == B.LayerOp(B.dot_general, "pallas")
+    assert layer.clone(backend="xla").dot_general == B.LayerOp(B.dot_general, "xla")
+    assert fnx.Conv(5, (3, 3)).conv_general_dilated == B.LayerOp(B.conv_general_dilated, None)
+    assert hash(fnx.Dense(5)) == hash(fnx.Dense(5)) and fnx.Dense(5) == fnx.Dense(5)
+
+
+# --- under pallas: what no kernel covers runs on XLA, recorded; what a kernel covers equals flax ----------
+
+XLA_UNDER_PALLAS = {
+    "dense-complex_input": (fnn.Dense, dict(features=5), (3, 4), jnp.complex64, "matmul", "complex64"),
+    "dense-complex_params": (fnn.Dense, dict(features=5, param_dtype=jnp.complex64), (3, 4), jnp.float32,
+                             "matmul", "complex64"),
+    "dense-f16": (fnn.Dense, dict(features=5, dtype=jnp.float16), (3, 4), jnp.float32, "matmul", "float16"),
+    "conv-1d": (fnn.Conv, dict(features=5, kernel_size=3), (2, 9, 3), jnp.float32, "conv_general_dilated",
+                "1-D"),
+    "conv-3d": (fnn.Conv, dict(features=5, kernel_size=(3, 3, 3)), (2, 5, 6, 7, 3), jnp.float32,
+                "conv_general_dilated", "3-D"),
+    "conv-input_dilation": (fnn.Conv, dict(features=5, kernel_size=(3, 3), input_dilation=2, padding=1),
+                            (2, 6, 6, 3), jnp.float32, "conv_general_dilated", "input dilation"),
+    "conv-groups": (fnn.Conv, dict(features=4, kernel_size=(3, 3), feature_group_count=2), (2, 6, 6, 4),
+                    jnp.float32, "conv2d", "feature_group_count=2"),
+    "conv-complex": (fnn.Conv, dict(features=5, kernel_size=(3, 3)), (2, 6, 6, 3), jnp.complex64, "conv2d",
+                     "complex64"),
+}
+
+
+@pytest.mark.parametrize("flax_cls, kw, shape, x_dtype, op, reason", XLA_UNDER_PALLAS.values(),
+                         ids=XLA_UNDER_PALLAS.keys())
+def test_what_no_kernel_covers_runs_on_xla_under_pallas(monkeypatch, flax_cls, kw, shape, x_dtype, op, reason):
+    loads = []
+    monkeypatch.setattr(B, "_load_kernels", lambda: loads.append(1))  # an XLA call must not need them
+    ours = (fnx.Dense if flax_cls is fnn.Dense else fnx.Conv)(**kw)
+    x = _x(shape, x_dtype)
+    v = flax_cls(**kw).init(KEY, x)
+    want = flax_cls(**kw).apply(v, x)
+    with fnx.use_backend("pallas"), B.record_ops() as calls:
+        got = jax.jit(ours.apply)(v, x)
+    assert [(o, b) for o, b, _ in calls] == [(op, "xla")]
+    assert reason in calls[0][2]["xla_because"]
+    assert not loads
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert got.dtype == want.dtype
+
+
+KERNEL_CASES = {
+    "dense-batch_dims": (fnn.Dense, dict(features=6), (2, 3, 5), "matmul"),
+    "conv-stride2_dilation2": (fnn.Conv, dict(features=6, kernel_size=(3, 3), strides=2, kernel_dilation=2),
+                               (2, 9, 10, 4), "conv2d"),
+    "conv-circular_mask_extra_batch_dims": (fnn.Conv, dict(features=6, kernel_size=(3, 2), padding="CIRCULAR",
+                                                           mask=jnp.asarray(np.tril(np.ones((3, 2, 4, 6))))),
+                                            (2, 2, 7, 6, 4), "conv2d"),
+    "conv-unbatched_reflect": (fnn.Conv, dict(features=6, kernel_size=(3, 3), padding="REFLECT"), (7, 6, 4),
+                               "conv2d"),
+}
+
+
+@pytest.mark.parametrize("flax_cls, kw, shape, op", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
+def test_what_a_kernel_covers_equals_flax_under_pallas(flax_cls, kw, shape, op):
+    """The Pallas kernel (interpret mode on CPU) behind flax's own layer logic: same params, same outputs."""
+    ours, ref = (fnx.Dense if flax_cls is fnn.Dense else fnx.Conv)(**kw), flax_cls(**kw)
+    x = _x(shape)
+    with fnx.use_backend("pallas"), B.record_ops() as calls:
+        y, v_ours = ours.init_with_output(KEY, x)
+    want, v_ref = ref.init_with_output(KEY, x)
+    assert [(o, b) for o, b, _ in calls] == [(op, "pallas")]
+    _same_tree(v_ours, v_ref)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert y.shape == want.shape and y.dtype == want.dtype
 
 
 # --- backend resolution and dispatch --------------------------------------------------------------
@@ -235,7 +382,7 @@ def recorder(monkeypatch):
 def _module_and_input(op, backend):
     if op == "matmul":
         return fnx.Dense(5, backend=backend), _x((3, 4))
-    return fnx.Conv(5, 3, backend=backend), _x((2, 6, 6, 3))
+    return fnx.Conv(5, (3, 3), backend=backend), _x((2, 6, 6, 3))
 
 
 @pytest.mark.parametrize("default", [None, "xla", "pallas"])
@@ -338,7 +485,8 @@ def test_unknown_backend_raises_value_error_naming_choices(bad):
     for call in (lambda: fnx.resolve(bad), lambda: fnx.use_backend(bad).__enter__(),
                  lambda: fnx.default_backend(bad).__enter__(),
                  lambda: jax.eval_shape(fnx.Dense(3, backend=bad).init, KEY, jnp.ones((2, 4))),
-                 lambda: jax.eval_shape(fnx.Conv(3, 3, backend=bad).init, KEY, jnp.ones((1, 4, 4, 2)))):
+                 lambda: jax.eval_shape(fnx.Conv(3, (3, 3), backend=bad).init, KEY, jnp.ones((1, 4, 4, 2))),
+                 lambda: jax.eval_shape(fnx.Conv(3, 3, backend=bad).init, KEY, jnp.ones((1, 4, 2)))):
         with pytest.raises(ValueError) as err:
             call()
         check(err)

@@ -216,3 +216,28 @@ def test_fsdp_state_is_born_and_restored_sharded(tmp_path):
     batch_bytes = 16 * 16 * 16 * 3 * 4 + 16 * 4
     assert out["fsdp_argument_bytes"] < out["state_bytes"] / 8 + batch_bytes / 8 + 4096
     assert out["none_argument_bytes"] >= out["state_bytes"]
+
+
+def test_only_params_are_all_gathered_under_fsdp_and_nothing_under_dp():
+    """The compiled cnn train step on 8 devices: fsdp all-gathers parameters (whole shapes) and never an
+    activation, on XLA and with the Pallas kernels (run per batch shard); dp gathers nothing."""
+    proc = subprocess.run([sys.executable, WORKER, "-", "hlo", "fsdp,dp", "xla,pallas"], env=_env(8),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for backend in ("xla", "pallas"):
+        fsdp = out[f"fsdp-{backend}"]
+        assert fsdp["gathered"], backend  # the params are sharded, so they are gathered
+        assert all(shape in fsdp["params"] for shape in fsdp["gathered"]), (backend, fsdp["gathered"])
+        assert out[f"dp-{backend}"]["gathered"] == [], backend
+
+
+def test_pallas_kernels_under_dp_and_fsdp_follow_the_single_device_curve(tmp_path):
+    proc = subprocess.run([sys.executable, WORKER, str(tmp_path), "cnn", "none,dp,fsdp", "model.backend=pallas",
+                           "train.steps=4", "train.eval_every_steps=0"], env=_env(8), capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curves = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(curves["none"]) == 4
+    for strategy in ("dp", "fsdp"):
+        assert _max_rel(curves[strategy], curves["none"]) < 1e-5, strategy

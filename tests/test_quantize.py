@@ -139,6 +139,22 @@ def test_int8_conv_matches_float_within_the_quantization_bound(strides, padding,
     assert "conv_general_dilated" in jaxpr and "i8[" in jaxpr and "preferred_element_type=int32" in jaxpr
 
 
+@pytest.mark.parametrize("layer, shape", [
+    (Conv(5, 3), (2, 9, 4)),  # 1-D (an int kernel_size, as in flax)
+    (Conv(5, (3, 3), padding="CIRCULAR"), (2, 7, 6, 4)),
+    (Conv(5, (3, 3), mask=jnp.asarray(np.tril(np.ones((3, 3, 4, 5), np.float32)))), (2, 7, 6, 4)),
+    (Conv(5, (3, 3), input_dilation=2, padding=1), (2, 7, 6, 4)),
+    (Dense(5, dot_general=lax.dot_general), (2, 4)),  # a user-supplied op
+])
+def test_calibrated_layers_the_int8_op_does_not_cover_run_weight_only(layer, shape):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal(shape), jnp.float32)
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    q, w_scale, x_scale, w_hat = _scaled(x, params["kernel"])
+    dequantized = {**params, "kernel": w_hat}  # what quantized_variables passes as params
+    y = _int8_apply(layer, dequantized, q, w_scale, x_scale, x)
+    np.testing.assert_array_equal(y, layer.apply({"params": dequantized}, x))
+
+
 def test_calibration_records_max_abs_input_per_layer(restored):
     model, state = restored
     batches = [b for b, _ in zip(fg.data.eval_batches("digits", "val", batch_size=60), range(2))]

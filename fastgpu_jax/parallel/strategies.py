@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fastgpu_jax.nn.per_shard import kernels_per_shard
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -207,14 +209,27 @@ class FullyShardedDataParallel(_Sharded):
     def place_state(self, state):
         return _place(state, self.state_shardings(state))
 
+    def _gathered(self, step: Callable) -> Callable:
+        """``step`` with the params all-gathered where the model uses them, so every activation stays
+        sharded over the batch. Left to itself, XLA's partitioner may keep a layer's output in its kernel's
+        sharding and all-gather activations instead (it does, for the digits CNN). The params are stored and
+        updated sharded (out_shardings); only the forward/backward sees them whole."""
+
+        def gathered(state, batch):
+            params = jax.lax.with_sharding_constraint(state.params, self.replicated)
+            with kernels_per_shard(self.mesh, BATCH_AXES):  # Pallas custom calls run on each batch shard
+                return step(state.replace(params=params), batch)
+
+        return gathered
+
     def compile_train(self, train_step: Callable) -> Callable:
         if self._state_shardings is None:
             raise RuntimeError("fsdp: call place_state before compile_train (it fixes the state shardings)")
-        return jax.jit(train_step, in_shardings=(self._state_shardings, self.batch_sharding),
+        return jax.jit(self._gathered(train_step), in_shardings=(self._state_shardings, self.batch_sharding),
                        out_shardings=(self._state_shardings, self.replicated), donate_argnums=(0,))
 
     def compile_eval(self, eval_step: Callable) -> Callable:
-        return jax.jit(eval_step, in_shardings=(self._state_shardings, self.batch_sharding),
+        return jax.jit(self._gathered(eval_step), in_shardings=(self._state_shardings, self.batch_sharding),
                        out_shardings=self.replicated)
 
 
