@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import inspect
 import math
@@ -199,16 +200,35 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Names other libraries use for our keys: a near-miss suggestion that spelling alone would not find.
+_SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "num_steps": "steps", "total_steps": "steps",
+             "batch": "batch_size", "dropout": "dropout_rate", "num_workers": "workers", "wd": "weight_decay",
+             "warmup": "warmup_steps", "arch": "name", "dataset": "name"}
+
+
+def _suggest(word: str, candidates) -> str:
+    """' (did you mean X?)' for the nearest candidate, or ''."""
+    candidates = [str(c) for c in candidates]
+    close = difflib.get_close_matches(str(word), candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _close_keys(dotted: str) -> str:
-    section = dotted.rpartition(".")[0]
+    """' (did you mean K?); known keys here: ...' for an unknown key: a synonym or the nearest spelling."""
+    section, _, leaf = dotted.rpartition(".")
+    guess = f"{section}.{_SYNONYMS[leaf]}" if leaf in _SYNONYMS else None
+    if guess not in SCHEMA:
+        close = difflib.get_close_matches(dotted, list(SCHEMA), n=1, cutoff=0.6)
+        guess = close[0] if close else None
     same = [k for k in SCHEMA if k.rpartition(".")[0] == section]
-    return ", ".join(same) if same else ", ".join(sorted({k.split(".")[0] for k in SCHEMA}))
+    known = ", ".join(same) if same else ", ".join(sorted({k.split(".")[0] for k in SCHEMA}))
+    return (f" (did you mean '{guess}'?)" if guess else "") + f"; known keys here: {known}"
 
 
 def _check_type(dotted: str, value: Any) -> Any:
     """Returns value coerced to the key's type (int -> float only), or raises ConfigError."""
     if dotted not in SCHEMA:
-        raise ConfigError(f"unknown config key '{dotted}'; known keys here: {_close_keys(dotted)}")
+        raise ConfigError(f"unknown config key '{dotted}'{_close_keys(dotted)}")
     key = SCHEMA[dotted]
     ok = isinstance(value, key.types) and not (isinstance(value, bool) and bool not in key.types)
     if not ok:
@@ -225,8 +245,8 @@ def _check_value(dotted: str, value: Any) -> None:
     key = SCHEMA[dotted]
     if key.choices is not None and value not in key.choices:
         hint = getattr(key.choices, "hint", "")
-        raise ConfigError(f"config key '{dotted}'={value!r} is not allowed; choose one of: "
-                          + ", ".join(map(str, key.choices)) + (f" {hint}" if hint else ""))
+        raise ConfigError(f"config key '{dotted}'={value!r} is not allowed{_suggest(value, key.choices)}; "
+                          "choose one of: " + ", ".join(map(str, key.choices)) + (f" {hint}" if hint else ""))
     if key.check is not None and value is not None and not key.check(value):
         raise ConfigError(f"config key '{dotted}'={value!r} is impossible; it must be {key.rule}")
 

@@ -197,3 +197,16 @@ def test_features_of_later_versions_are_refused_clearly():
     for override, key in (("train.profile_steps=5", "train.profile_steps"), ("parallel.strategy=tp", "parallel.strategy")):
         with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
             fg.load_config(DIGITS, overrides=[override])
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("optimizer.learning_rate=0.1", "did you mean 'optimizer.lr'?"),  # another library's name for it
+    ("train.setps=3", "did you mean 'train.steps'?"),  # a typo
+    ("data.batch=3", "did you mean 'data.batch_size'?"),
+    ("model.name='resnet5'", "did you mean 'resnet50'?"),  # a near-miss value
+    ("optimizer.name='adamm'", "did you mean 'adam'?"),
+])
+def test_near_misses_get_a_suggestion(override, suggestion):
+    with pytest.raises(fg.ConfigError) as err:
+        fg.load_config(DIGITS, [override])
+    assert suggestion in str(err.value) and "\n" not in str(err.value)
