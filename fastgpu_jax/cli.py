@@ -119,11 +119,12 @@ def _run(args, extra: list[str]) -> int:
 
         logits = fg.predict(args.workdir, np.load(args.input), batch_size=args.batch_size)
         result = logits if args.logits else logits.argmax(-1)
+        summary = {"input": args.input, "count": int(len(logits)), "output": args.output}
         if args.output:
             np.save(args.output, result)
-        else:
-            print(" ".join(map(str, result.tolist())) if not args.logits else result)
-        print(json.dumps({"input": args.input, "count": int(len(logits)), "output": args.output}))
+        else:  # the predictions themselves, in the one JSON line
+            summary["logits" if args.logits else "labels"] = result.tolist()
+        print(json.dumps(summary))
     elif args.command == "bench":
         from fastgpu_jax import bench
 

@@ -97,8 +97,9 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
                               run_config=config_lib.to_flat_dict(cfg))
         writer.truncate_after(start)  # only now is the restored step known; cut rows go to metrics.jsonl.N.bak
         writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
-                     f"({cfg.model.name} on {cfg.data.name}, {jax.device_count()} {jax.devices()[0].platform} "
-                     f"device(s), backend {cfg.model.backend})")
+                     f"({_run_description(cfg, mesh)})")
+        for notice in _notices(cfg, mesh):
+            writer.print(notice)
         state, last_train, last_eval = _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start,
                                              pending)
     finally:
@@ -162,6 +163,29 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
                 # A copy: the save is asynchronous and the loop goes on appending to `pending`.
                 ckpt.save(step, strategy.host_state(state), batch_state, {"pending": list(pending)})
     return state, last_train, last_eval
+
+
+def _run_description(cfg, mesh) -> str:
+    """Model, data, strategy, mesh, devices and op backend: what the start line says about a run."""
+    m, p = cfg.model, cfg.parallel
+    devices = f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+    if jax.process_count() > 1:
+        devices += f" in {jax.process_count()} processes"
+    mesh_text = ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
+    return (f"{m.name} on {cfg.data.name}, strategy {p.strategy}, mesh {mesh_text}, {devices}, "
+            f"backend {m.backend}")
+
+
+def _notices(cfg, mesh) -> list[str]:
+    """One line for each setting that works but is likely not what the user meant."""
+    out = []
+    if cfg.model.backend == "pallas" and jax.default_backend() == "cpu":
+        out.append("note: model.backend=pallas on CPU runs the kernels in the Pallas interpreter (slow; for "
+                   "checking correctness, not speed)")
+    if cfg.parallel.strategy != "none" and jax.device_count() == 1:
+        out.append(f"note: parallel.strategy={cfg.parallel.strategy} on a single device: nothing is split, "
+                   "the run equals strategy none")
+    return out
 
 
 def _set_aside_for_restart(workdir: str) -> None:

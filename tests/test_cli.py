@@ -57,6 +57,10 @@ def test_predict_matches_eval_labels(digits_run, tmp_path):
             str(tmp_path / "logits.npy"), "--logits")
     logits = np.load(tmp_path / "logits.npy")
     assert logits.shape == (50, 10) and (logits.argmax(-1) == pred).all()
+    # without --output, the predictions are in the one JSON line printed last
+    out = run_cli("predict", "--workdir", str(workdir), "--input", str(tmp_path / "x.npy"), "--logits")
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert printed["count"] == 50 and np.allclose(printed["logits"], logits, rtol=1e-6, atol=1e-6)
 
 
 def test_predict_rejects_wrong_image_shape(digits_run, tmp_path):

@@ -129,3 +129,19 @@ def test_evaluate_returns_metrics_of_the_newest_checkpoint(tmp_path, quick_digit
     assert val["accuracy"] == pytest.approx(summary["val"]["accuracy"])
     with pytest.raises(FileNotFoundError, match="config.json"):
         fg.evaluate(str(tmp_path / "nothing"))
+
+
+def test_start_line_states_the_run_and_notices_surprising_settings(quick_digits):
+    import importlib
+
+    from fastgpu_jax import parallel
+
+    train_lib = importlib.import_module("fastgpu_jax.train")  # the package exports train() under that name
+    cfg = quick_digits("parallel.strategy=dp", "model.backend=pallas")
+    mesh = parallel.make_mesh(cfg)
+    text = train_lib._run_description(cfg, mesh)
+    for words in ("cnn on digits", "strategy dp", "mesh 1 device", "1 cpu device(s)", "backend pallas"):
+        assert words in text, text
+    notices = train_lib._notices(cfg, mesh)
+    assert len(notices) == 2 and "Pallas interpreter" in notices[0] and "single device" in notices[1]
+    assert train_lib._notices(quick_digits(), mesh) == []
