@@ -44,15 +44,21 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, restart: bool
     """
     if isinstance(cfg, str):
         cfg = config_lib.load_config(cfg)
+    existed = os.path.isdir(os.path.abspath(workdir))
     workdir = workdir_lib.prepare(workdir)
-    _set_determinism(cfg.train.deterministic)
-    p = cfg.parallel
-    parallel.initialize(p.coordinator, p.num_processes, p.process_id, p.init_timeout_s)  # before any device use
-    jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
-    with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):  # one writer per workdir
-        if restart:
-            _set_aside_for_restart(workdir)
-        return _train(cfg, workdir, allow_config_change)
+    try:
+        _set_determinism(cfg.train.deterministic)
+        p = cfg.parallel
+        parallel.initialize(p.coordinator, p.num_processes, p.process_id, p.init_timeout_s)  # before device use
+        jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
+        with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):  # one writer per workdir
+            if restart:
+                _set_aside_for_restart(workdir)
+            return _train(cfg, workdir, allow_config_change)
+    except BaseException:
+        if not existed and jax.process_index() == 0:
+            workdir_lib.remove_if_empty_run(workdir)  # a failed start leaves no empty workdir behind
+        raise
 
 
 def _train(cfg, workdir: str, allow_config_change: bool) -> dict:

@@ -98,6 +98,16 @@ def holds_run(workdir: str) -> bool:
     return False
 
 
+def remove_if_empty_run(workdir: str) -> bool:
+    """Removes a workdir that this process created and that holds nothing of a run (no checkpoint, no
+    metrics row): what a run that failed before logging anything leaves. Returns whether it was removed."""
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if holds_run(workdir) or (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        return False
+    shutil.rmtree(workdir, ignore_errors=True)
+    return not os.path.exists(workdir)
+
+
 def set_aside_for_restart(workdir: str) -> str | None:
     """--restart: moves the earlier run's files into ``workdir/restarted/N/`` (N = 1, 2, ...); returns that
     folder, or None when there was nothing to move. Nothing is deleted."""

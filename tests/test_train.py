@@ -145,3 +145,16 @@ def test_start_line_states_the_run_and_notices_surprising_settings(quick_digits)
     notices = train_lib._notices(cfg, mesh)
     assert len(notices) == 2 and "Pallas interpreter" in notices[0] and "single device" in notices[1]
     assert train_lib._notices(quick_digits(), mesh) == []
+
+
+def test_a_failed_start_removes_only_a_workdir_it_created(tmp_path, quick_digits):
+    cfg = quick_digits("data.name='mnist'")  # no data.dir: refused when the data is first read
+    with pytest.raises(fg.ConfigError, match="data.dir"):
+        fg.train(cfg, str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(fg.ConfigError, match="data.dir"):
+        fg.train(cfg, str(mine))
+    assert (mine / "notes.txt").read_text() == "the user's"
