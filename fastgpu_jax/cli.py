@@ -1,6 +1,8 @@
 """The ``fastgpu-jax`` command: parses arguments, calls the library, prints. Nothing else lives here.
 
     fastgpu-jax train   --config configs/digits_cnn.py --workdir runs/digits [--config.optimizer.lr=3e-3 ...]
+    fastgpu-jax config  --config configs/digits_cnn.py [--config.k=v] # the resolved config as JSON
+    fastgpu-jax train --help-keys                                     # every config key, default, allowed values
     fastgpu-jax eval    --workdir runs/digits [--split test]          # last stdout line: one JSON object
     fastgpu-jax predict --workdir runs/digits --input x.npy [--output y.npy] [--logits]
     fastgpu-jax plot    --workdir runs/digits                         # writes runs/digits/curves.png
@@ -18,6 +20,20 @@ import sys
 import warnings
 
 
+class _HelpKeys(argparse.Action):
+    """``--help-keys``: every config key with its type, default, allowed values and help; then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="list every config key (type, default, allowed values, help) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from fastgpu_jax.config import describe_keys
+
+        print(describe_keys())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgpu-jax", description="Train, evaluate and use image classifiers.")
     p.add_argument("--traceback", action="store_true",
@@ -29,9 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True, help="run folder; an existing run there is resumed")
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume even if the config changed in ways that alter the computation")
+    t.add_argument("--help-keys", action=_HelpKeys)
     t.add_argument("--restart", action="store_true",
                    help="start over at step 0: the workdir's earlier checkpoints, metrics and logs are moved "
                         "into WORKDIR/restarted/N/ (never deleted)")
+
+    c = sub.add_parser("config", help="print the resolved config (file + --config.KEY=VALUE overrides) as JSON")
+    c.add_argument("--config", required=True, help="config file, optionally file.py:arg")
+    c.add_argument("--help-keys", action=_HelpKeys)
 
     e = sub.add_parser("eval", help="evaluate the newest checkpoint; prints one JSON object last")
     e.add_argument("--workdir", required=True)
@@ -112,6 +133,9 @@ def _run(args, extra: list[str]) -> int:
         cfg = fg.load_config(args.config, overrides=_split_overrides(extra))
         summary = fg.train(cfg, args.workdir, allow_config_change=args.allow_config_change, restart=args.restart)
         print(json.dumps(summary))
+    elif args.command == "config":
+        cfg = fg.load_config(args.config, overrides=_split_overrides(extra))
+        print(json.dumps(fg.config.to_flat_dict(cfg), indent=1))
     elif args.command == "eval":
         print(json.dumps(fg.evaluate(args.workdir, args.split, data_dir=args.data_dir)))
     elif args.command == "predict":
@@ -177,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgpu_jax.errors import UserError
 
     try:
-        if extra and args.command not in ("train", "bench"):
+        if extra and args.command not in ("train", "bench", "config"):
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return _run(args, extra)
     except (UsageError, UserError, OSError, ValueError, FloatingPointError, NotImplementedError) as err:

@@ -401,6 +401,17 @@ def _build(values, overrides: Sequence[str], reset_ignored: bool) -> ml_collecti
     return ml_collections.FrozenConfigDict(cfg)
 
 
+def describe_keys() -> str:
+    """Every config key, one line each: type, default, allowed values or rule, help (``--help-keys``)."""
+    lines = []
+    for name, key in SCHEMA.items():
+        types = " or ".join("None" if t is type(None) else t.__name__ for t in key.types)
+        allowed = f"; one of {', '.join(map(str, key.choices))}" if key.choices is not None else (
+            f"; {key.rule}" if key.rule else "")
+        lines.append(f"{name}  ({types}, default {key.default!r}{allowed})" + (f"  {key.help}" if key.help else ""))
+    return "\n".join(lines)
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.FrozenConfigDict:
     """Loads ``path`` (optionally ``file.py:arg``), applies ``overrides``, validates, freezes."""
     return build_config(_load_file(path), overrides)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import DIGITS, run_cli
+import fastgpu_jax as fg
 from fastgpu_jax import data
 
 QUIET = ["--config.log.progress_bar=False"]
@@ -134,3 +135,15 @@ def test_bench_inference_prints_latency_per_batch_size(digits_run):
     workdir, _ = digits_run
     out = run_cli("bench", "--inference", str(workdir), "--steps", "3").stdout
     assert "ms" in out and "256" in out
+
+
+def test_config_prints_the_resolved_config_and_help_keys_lists_the_schema():
+    out = run_cli("config", "--config", DIGITS + ":quick", "--config.optimizer.lr=0.1").stdout
+    resolved = json.loads(out)
+    assert resolved["optimizer.lr"] == 0.1 and resolved["train.steps"] == 60  # override and :quick both applied
+    keys = run_cli("train", "--help-keys").stdout.splitlines()
+    assert len(keys) == len(fg.config.SCHEMA)
+    line = next(k for k in keys if k.startswith("optimizer.name "))
+    assert "default 'adam'" in line and "sgd" in line and "lamb" in line
+    bad = run_cli("config", "--config", DIGITS, "--config.optimizer.lrr=0.1", check=False)
+    assert bad.returncode == 2 and "did you mean 'optimizer.lr'" in bad.stderr
