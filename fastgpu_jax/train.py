@@ -29,7 +29,7 @@ from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, 
 from fastgpu_jax.errors import CheckpointError, NonFiniteError
 from fastgpu_jax.evaluate import run_eval
 from fastgpu_jax.state import with_shardings
-from fastgpu_jax.writers import MetricWriter
+from fastgpu_jax.writers import MetricWriter, read_metrics
 
 _PACKAGES = ("fastgpu_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
@@ -102,12 +102,17 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
                               wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
                               run_config=config_lib.to_flat_dict(cfg))
         writer.truncate_after(start)  # only now is the restored step known; cut rows go to metrics.jsonl.N.bak
-        writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
-                     f"({_run_description(cfg, mesh)})")
-        for notice in _notices(cfg, mesh):
-            writer.print(notice)
-        state, last_train, last_eval = _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start,
-                                             pending)
+        if start >= t.steps:  # nothing to do: say so, and report the run's last logged metrics
+            writer.print(f"already finished at step {start}/{t.steps} in {workdir}; nothing to train (raise "
+                         "train.steps with --allow-config-change to go on)")
+            last_train, last_eval = _last_logged(workdir, t.eval_split)
+        else:
+            writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
+                         f"({_run_description(cfg, mesh)})")
+            for notice in _notices(cfg, mesh):
+                writer.print(notice)
+            state, last_train, last_eval = _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start,
+                                                 pending)
     finally:
         ckpt.close()  # a save in flight completes (or fails loudly) before we return or raise
         if writer is not None:
@@ -169,6 +174,14 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
                 # A copy: the save is asynchronous and the loop goes on appending to `pending`.
                 ckpt.save(step, strategy.host_state(state), batch_state, {"pending": list(pending)})
     return state, last_train, last_eval
+
+
+def _last_logged(workdir: str, eval_split: str) -> tuple[dict, dict]:
+    """The last train row and the last ``eval_split`` row of metrics.jsonl, without step and split."""
+    last = {}
+    for row in read_metrics(workdir):
+        last[row["split"]] = {k: v for k, v in row.items() if k not in ("step", "split")}
+    return last.get("train", {}), last.get(eval_split, {})
 
 
 def _run_description(cfg, mesh) -> str:

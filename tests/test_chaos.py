@@ -425,3 +425,14 @@ def test_idx_header_with_huge_dimensions_reports_a_positive_size(tmp_path):
     with pytest.raises(ValueError) as err:
         fg.data.sources.read_idx(path, magic=0x803)
     assert "-" not in str(err.value).split("need")[1] and str((2 ** 32 - 1) ** 3 + 16) in str(err.value)
+
+
+def test_a_finished_run_says_so_and_reports_its_last_metrics(copy_run, capsys):
+    run = copy_run()
+    before = _snapshot(run)
+    summary = fg.train(_quick(), str(run))
+    assert "already finished at step 60/60" in capsys.readouterr().out
+    last = {r["split"]: r for r in read_metrics(str(run))}
+    assert summary["step"] == 60 and summary["train"]["loss"] == last["train"]["loss"]
+    assert summary["val"]["accuracy"] == last["val"]["accuracy"]
+    assert _snapshot(run) == before  # nothing rewritten
