@@ -86,8 +86,13 @@ def _conv_out_hw(conv: dict) -> tuple[int, int]:
     return y.shape
 
 
-def _time_pair(make: Callable[[str], Callable], args: tuple, iters: int) -> tuple[float, float]:
-    return tuple(tuning.time_fn(jax.jit(make(impl)), *args, warmup=1, iters=iters) for impl in ("xla", "pallas"))
+def _time_pair(make: Callable[[str], Callable], args: tuple, iters: int, label: str = "") -> tuple[float, float]:
+    """(XLA seconds, Pallas seconds) per call; says what it compiles and times, since each can take a while."""
+    start = time.perf_counter()
+    print(f"bench: {label} (compile + {iters} timed call(s), XLA then Pallas) ...", end=" ", flush=True)
+    out = tuple(tuning.time_fn(jax.jit(make(impl)), *args, warmup=1, iters=iters) for impl in ("xla", "pallas"))
+    print(f"{time.perf_counter() - start:.1f} s", flush=True)
+    return out
 
 
 def bench_matmuls(tiny: bool, iters: int) -> list[Row]:
@@ -102,7 +107,7 @@ def bench_matmuls(tiny: bool, iters: int) -> list[Row]:
         def make(impl):
             return (lambda a, b: a @ b) if impl == "xla" else (lambda a, b: pallas_matmul(a, b))
 
-        xla_s, pallas_s = _time_pair(make, (a, b), iters)
+        xla_s, pallas_s = _time_pair(make, (a, b), iters, f"matmul {name} {m}x{k}x{n}")
         rows.append(Row(f"{name} {m}x{k}x{n}", "matmul", 2.0 * m * n * k, xla_s, pallas_s))
     return rows
 
@@ -137,7 +142,7 @@ def bench_convs(tiny: bool, iters: int) -> list[Row]:
             "conv wgrad": (lambda impl: lambda x, w, dy: jax.vjp(lambda w: impls[impl](x, w), w)[1](dy), (x, w, dy)),
         }
         for op, (make, args) in passes.items():
-            xla_s, pallas_s = _time_pair(make, args, iters)
+            xla_s, pallas_s = _time_pair(make, args, iters, f"{op} {label}")
             rows.append(Row(label, op, flops, xla_s, pallas_s))
     return rows
 
@@ -294,10 +299,13 @@ def bench_step(cfg, devices: int, backend: str, steps: int, info=None) -> StepRo
         state = strategy.place_state(host_state)
         placed = strategy.place_batch(batch, is_global=True)
         fn = strategy.compile_train(steps_lib.train_step)
+        print(f"bench: compiling the {cfg.model.name} train step ({devices} device(s), {strategy_name}, backend "
+              f"{backend}, batch {global_batch}) ...", end=" ", flush=True)
         start = time.perf_counter()
         state, metrics = fn(state, placed)
         jax.block_until_ready(metrics)
         first = time.perf_counter() - start
+        print(f"{first:.1f} s; timing {steps} steps", flush=True)
         times = []
         for _ in range(steps):
             start = time.perf_counter()

@@ -27,6 +27,7 @@ def test_tiny_matmul_sweep_prints_a_table_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert len(rows) == len(bench.MATMUL_SHAPES)
     assert "geometric mean" in out and "square 8192" in out
+    assert "bench: matmul square 8192" in out  # says what it compiles before it does
     saved = json.loads((tmp_path / "b.json").read_text())
     assert len(saved["rows"]) == len(rows) and all(r["xla_s"] > 0 and r["pallas_s"] > 0 for r in saved["rows"])
     assert bench.geomean([2.0, 0.5]) == 1.0
@@ -46,6 +47,7 @@ def test_model_benchmark_times_the_step_on_cpu_on_stand_in_data(tmp_path, capsys
     assert row.devices == 1 and row.global_batch == 16 and row.step_s > 0 and row.efficiency == 1.0
     assert row.flops and row.flops > 0
     assert "examples/s" in out and "scaling" in out
+    assert "bench: compiling the" in out and "s; timing" in out  # what it compiles, then how long it took
     notices = [line for line in out.splitlines() if "absent" in line]
     assert len(notices) == 1, out
     assert "cifar10 files are absent" in notices[0] and "32x32x3 images, 12 classes" in notices[0]
