@@ -300,7 +300,21 @@ def _ignored_keys(flat: dict[str, Any]) -> list[tuple[str, str]]:
             shape = "x".join(map(str, spec.image_shape)) if spec.image_shape else "fixed"
             why = f"its images are {shape} ({dotted} applies to {users} only)"
         out.append((dotted, f"has no effect on data.name='{name}': {why}"))
+    for dotted, applies, why in _CONDITIONAL_KEYS:
+        if not applies(flat) and flat[dotted] != SCHEMA[dotted].default:
+            out.append((dotted, f"has no effect here: {why}"))
     return out
+
+
+# (key, when it acts, why it does not otherwise): optimizer and precision keys that only some settings read.
+_CONDITIONAL_KEYS = (
+    ("optimizer.momentum", lambda f: f["optimizer.name"] == "sgd", "only optimizer.name=sgd uses momentum"),
+    ("optimizer.nesterov", lambda f: f["optimizer.name"] == "sgd", "only optimizer.name=sgd uses nesterov"),
+    ("train.loss_scale_init", lambda f: f["train.precision"] == "float16",
+     "loss scaling runs only with train.precision=float16"),
+    ("train.loss_scale_period", lambda f: f["train.precision"] == "float16",
+     "loss scaling runs only with train.precision=float16"),
+)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

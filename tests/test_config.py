@@ -210,3 +210,19 @@ def test_near_misses_get_a_suggestion(override, suggestion):
     with pytest.raises(fg.ConfigError) as err:
         fg.load_config(DIGITS, [override])
     assert suggestion in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["optimizer.momentum=0.5"], "optimizer.momentum"),  # adam has no momentum
+    (["optimizer.name='adamw'", "optimizer.nesterov=True"], "optimizer.nesterov"),
+    (["train.loss_scale_init=4.0"], "train.loss_scale_init"),  # float32: no loss scaling
+    (["train.loss_scale_period=10"], "train.loss_scale_period"),
+])
+def test_optimizer_and_precision_keys_that_would_not_act_are_refused(overrides, key):
+    with pytest.raises(fg.ConfigError) as err:
+        fg.load_config(DIGITS, overrides)
+    assert str(err.value).startswith(key) and "has no effect" in str(err.value) and "\n" not in str(err.value)
+    acting = {"optimizer.momentum": ["optimizer.name='sgd'"], "optimizer.nesterov": ["optimizer.name='sgd'"],
+              "train.loss_scale_init": ["train.precision='float16'"],
+              "train.loss_scale_period": ["train.precision='float16'"]}[key]
+    fg.load_config(DIGITS, [o for o in overrides if "optimizer.name" not in o] + acting)  # where it acts: fine
