@@ -189,7 +189,8 @@ def test_bad_mesh_and_batch_configs_are_clear_errors(call, words):
 
 
 def test_fsdp_rules_shard_kernels_and_their_optimizer_state():
-    state = fg.build_state(config("cnn", "optimizer.name=adam"))
+    # Adam has no momentum key: put the CNN's plain-SGD momentum back at its default.
+    state = fg.build_state(config("cnn", "optimizer.name=adam", "optimizer.momentum=0.9"))
     specs = parallel.partition_specs({"params": state.params, "opt": state.opt_state},
                                      parallel.parse_rules(r"kernel$=auto"), fsdp_size=8)
     kernel_spec = specs["params"]["hidden"]["kernel"]
