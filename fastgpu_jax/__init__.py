@@ -4,26 +4,57 @@
     cfg = fg.load_config("configs/digits_cnn.py", overrides=["train.steps=300"])
     summary = fg.train(cfg, workdir="runs/digits")
     metrics = fg.evaluate("runs/digits", split="test")
+
+Every name below is imported on first use (PEP 562), so ``import fastgpu_jax`` and ``fastgpu-jax --help`` do
+not pay for JAX, Flax or scikit-learn. ``fg.train`` and ``fg.evaluate`` are the functions, as they always were,
+even though modules of the same names exist (``importlib.import_module("fastgpu_jax.train")`` gives the module).
 """
 
-from fastgpu_jax import checkpoint, data, errors, models, nn, parallel, pallas_kernels
-from fastgpu_jax.builders import build_model, build_optimizer, build_state
-from fastgpu_jax.config import ConfigError, build_config, load_config
-from fastgpu_jax.evaluate import evaluate, predict, restore_state
-from fastgpu_jax.inference import benchmark_inference, export_params, load_exported, load_model
-from fastgpu_jax.plot import plot_curves
-from fastgpu_jax.quantize import evaluate_quantized, load_quantized, quantize_run
-from fastgpu_jax.state import StepOptions, TrainState, create_train_state
-from fastgpu_jax.steps import compute_metrics, eval_step, predict_step, train_step
-from fastgpu_jax.train import train
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "errors", "StepOptions", "TrainState", "build_config", "build_model", "build_optimizer", "build_state",
-    "compute_metrics", "create_train_state", "data", "eval_step", "evaluate", "load_config", "models", "nn",
-    "pallas_kernels", "parallel", "plot_curves", "predict", "predict_step", "restore_state", "train",
-    "train_step",
-    "benchmark_inference", "evaluate_quantized", "export_params", "load_exported", "load_model", "load_quantized",
-    "quantize_run",
-]
+_SUBMODULES = ("checkpoint", "data", "errors", "models", "nn", "pallas_kernels", "parallel")
+# public name -> the module that defines it
+_EXPORTS = {
+    "build_model": "builders", "build_optimizer": "builders", "build_state": "builders",
+    "ConfigError": "config", "build_config": "config", "load_config": "config",
+    "evaluate": "evaluate", "predict": "evaluate", "restore_state": "evaluate",
+    "benchmark_inference": "inference", "export_params": "inference", "load_exported": "inference",
+    "load_model": "inference",
+    "plot_curves": "plot",
+    "evaluate_quantized": "quantize", "load_quantized": "quantize", "quantize_run": "quantize",
+    "StepOptions": "state", "TrainState": "state", "create_train_state": "state",
+    "compute_metrics": "steps", "eval_step": "steps", "predict_step": "steps", "train_step": "steps",
+    "train": "train",
+}
+__all__ = sorted(_SUBMODULES + tuple(_EXPORTS))
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``fg.train``/``fg.evaluate`` the functions: importing the submodule ``fastgpu_jax.train`` makes
+    Python bind the module onto the package under the same name, which this refuses for those two names."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -71,10 +71,9 @@ def create_train_state(model, tx: optax.GradientTransformation, *, seed: int, in
     e.g. ``strategy.state_shardings(abstract_state)``) makes one jitted init write every leaf straight into
     its shards: under FSDP no device and no host ever holds a whole parameter.
     """
-    base = jax.random.PRNGKey(seed)
-    init_key, _ = jax.random.split(base)
-
     def arrays() -> dict:  # the array fields only: jit's out_shardings must not compare the static ones
+        base = jax.random.PRNGKey(seed)  # inside: an abstract state then compiles nothing, not even the key
+        init_key, _ = jax.random.split(base)
         variables = model.init({"params": init_key, "dropout": init_key}, jnp.zeros(input_shape, jnp.float32),
                                train=False)
         params = variables["params"]

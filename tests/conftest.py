@@ -6,6 +6,26 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _share_compilations() -> None:
+    """One persistent XLA compilation cache for the whole session, its subprocesses and its xdist workers:
+    dozens of tests train the same digits CNN, and each fg.train jits its step afresh. A cached executable is
+    the one the compiler would build again (its key covers the program, flags and devices), so no claim a test
+    makes changes; set JAX_COMPILATION_CACHE_DIR yourself to keep (or FASTGPU_TEST_CACHE=0 to skip) it."""
+    if os.environ.get("FASTGPU_TEST_CACHE") == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="fastgpu-jax-test-xla-cache-")  # the controller's; workers inherit it
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+_share_compilations()
+
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

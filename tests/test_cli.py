@@ -4,6 +4,8 @@ import gzip
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -147,3 +149,24 @@ def test_config_prints_the_resolved_config_and_help_keys_lists_the_schema():
     assert "default 'adam'" in line and "sgd" in line and "lamb" in line
     bad = run_cli("config", "--config", DIGITS, "--config.optimizer.lrr=0.1", check=False)
     assert bad.returncode == 2 and "did you mean 'optimizer.lr'" in bad.stderr
+
+
+def test_help_and_package_import_load_no_heavy_library():
+    """--help answers before JAX, Flax or scikit-learn are imported; fg.train/fg.evaluate stay the functions
+    even after their same-named modules are imported."""
+    code = ("import sys, contextlib, io, importlib\n"
+            "import fastgpu_jax as fg\n"
+            "from fastgpu_jax import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n"
+            "        cli.main(['train', '--help'])\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "assert '--workdir' in out.getvalue()\n"
+            "heavy = sorted(m for m in ('jax', 'flax', 'sklearn', 'numpy', 'ml_collections') if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "importlib.import_module('fastgpu_jax.train'); importlib.import_module('fastgpu_jax.evaluate')\n"
+            "assert callable(fg.train) and callable(fg.evaluate) and not isinstance(fg.train, type(sys))\n"
+            "assert fg.nn.Dense and fg.load_config and 'train' in dir(fg)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
