@@ -137,7 +137,8 @@ SCHEMA: dict[str, Key] = {
     "optimizer.name": Key("adam", _STR, choices=("sgd", "adam", "adamw", "lamb")),
     "optimizer.lr": Key(1e-3, _FLOAT, check=_positive, rule="> 0"),
     "optimizer.schedule": Key("constant", _STR, choices=("constant", "cosine", "warmup_cosine")),
-    "optimizer.warmup_steps": Key(0, _INT, check=_non_negative, rule=">= 0"),
+    "optimizer.warmup_steps": Key(0, _INT, check=_non_negative, rule=">= 0",
+                                  help="linear warmup 0 -> lr over these steps, before any schedule"),
     "optimizer.weight_decay": Key(0.0, _FLOAT, check=_non_negative, rule=">= 0"),
     "optimizer.momentum": Key(0.9, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
     "optimizer.nesterov": Key(False, _BOOL),
@@ -256,7 +257,7 @@ def _validate_combinations(flat: dict[str, Any]) -> None:
     bs, accum = flat["data.batch_size"], flat["train.grad_accum_steps"]
     if bs % accum:
         raise ConfigError(f"data.batch_size={bs} is not divisible by train.grad_accum_steps={accum}")
-    if flat["optimizer.warmup_steps"] >= flat["train.steps"] and flat["optimizer.schedule"] == "warmup_cosine":
+    if flat["optimizer.warmup_steps"] and flat["optimizer.warmup_steps"] >= flat["train.steps"]:
         raise ConfigError(f"optimizer.warmup_steps={flat['optimizer.warmup_steps']} must be smaller than "
                           f"train.steps={flat['train.steps']}")
     profile = flat["train.profile_steps"]
@@ -300,6 +301,10 @@ def _ignored_keys(flat: dict[str, Any]) -> list[tuple[str, str]]:
             shape = "x".join(map(str, spec.image_shape)) if spec.image_shape else "fixed"
             why = f"its images are {shape} ({dotted} applies to {users} only)"
         out.append((dotted, f"has no effect on data.name='{name}': {why}"))
+    if flat["data.dir"] is not None and not spec.files:
+        readers = ", ".join(n for n, s in data.DATASETS.items() if s.files)
+        out.append(("data.dir", f"has no effect on data.name='{name}': it reads no files (data.dir is for "
+                                f"{readers})"))
     for dotted, applies, why in _CONDITIONAL_KEYS:
         if not applies(flat) and flat[dotted] != SCHEMA[dotted].default:
             out.append((dotted, f"has no effect here: {why}"))

@@ -7,13 +7,18 @@ import optax
 
 
 def make_schedule(kind: str, lr: float, steps: int, warmup_steps: int = 0) -> optax.Schedule:
-    """constant | cosine (to 0 at ``steps``) | warmup_cosine (linear 0 -> lr, then cosine to 0)."""
-    if kind == "constant":
-        return optax.constant_schedule(lr)
+    """constant | cosine (to 0 at ``steps``) | warmup_cosine, each after a linear warmup 0 -> lr over
+    ``warmup_steps`` when that is > 0 (``cosine`` with a warmup is ``warmup_cosine``: the cosine spans
+    ``steps`` including the warmup, as optax's warmup_cosine_decay_schedule does)."""
+    if kind in ("cosine", "warmup_cosine") and (warmup_steps or kind == "warmup_cosine"):
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup_steps, decay_steps=steps)
     if kind == "cosine":
         return optax.cosine_decay_schedule(lr, decay_steps=steps)
-    if kind == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup_steps, decay_steps=steps)
+    if kind == "constant":
+        if not warmup_steps:
+            return optax.constant_schedule(lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+                                    [warmup_steps])
     raise ValueError(f"optimizer.schedule {kind!r} is unknown; use constant, cosine or warmup_cosine")
 
 

@@ -43,6 +43,25 @@ def run_cli(*args, check=True, timeout=600, env=None):
     return proc
 
 
+TINY_RESNET = "resnet_2x1"
+
+
+def register_tiny_resnet() -> str:
+    """Registers (once) and names a two-stage ResNet, one BasicBlock each, the second striding and projecting:
+    every BatchNorm and convolution situation of a ResNet-18 (stem, 3x3 stride 1 and 2, zero-init last BN,
+    1x1 projection shortcut) at a quarter of its compile time. Tests whose claim is about those situations,
+    not about depth, train this one."""
+    import functools
+
+    from fastgpu_jax import models
+    from fastgpu_jax.models.resnet import BasicBlock, ResNet
+
+    if TINY_RESNET not in models.names():
+        factory = models._resnet(functools.partial(ResNet, stage_sizes=(1, 1), block=BasicBlock))
+        models.register(TINY_RESNET, factory, accepts=models.OPTIONAL_KEYS)
+    return TINY_RESNET
+
+
 @pytest.fixture
 def quick_digits():
     """A validated tiny digits config (pass extra overrides as arguments)."""

@@ -7,7 +7,6 @@ several strategies and prints {strategy: train losses per step} as JSON on its l
 all-gathers under each strategy and backend.
 """
 
-import functools
 import json
 import os
 import re
@@ -16,8 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastgpu_jax as fg  # noqa: E402
-from fastgpu_jax import models  # noqa: E402
-from fastgpu_jax.models.resnet import BasicBlock, ResNet  # noqa: E402
+from conftest import TINY_RESNET, register_tiny_resnet  # noqa: E402
 from fastgpu_jax.writers import read_metrics  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,16 +29,13 @@ MODELS = {
     "cnn": ["model.width=16", "data.eval_batch_size=360", "optimizer.lr=0.1", "optimizer.momentum=0.0"],
     # Synthetic 16x16 inputs: on 8x8 digits a ResNet's last stage is 1x1 and BatchNorm over 32 values makes the
     # curve chaotic (rounding-level differences grow), which would test the data, not the strategies.
-    "resnet": ["model.name=resnet_2x1", "model.width=8", "model.stem=cifar", "data.name=synthetic",
+    "resnet": [f"model.name={TINY_RESNET}", "model.width=8", "model.stem=cifar", "data.name=synthetic",
                "data.image_size=16", "data.num_examples=256", "data.eval_batch_size=128", "model.dropout_rate=0.0",
                "optimizer.lr=0.01", "optimizer.momentum=0.9"],
 }
 
 
-# A two-stage ResNet (one BasicBlock each; the second strides and projects): every BatchNorm situation of a
-# ResNet-18 (main path, zero-init last BN, projection shortcut) at a quarter of its compile time.
-models.register("resnet_2x1", models._resnet(functools.partial(ResNet, stage_sizes=(1, 1), block=BasicBlock)),
-                accepts=models.OPTIONAL_KEYS)
+register_tiny_resnet()  # the 'resnet' runs train it
 
 
 def config(model: str, *extra: str):

@@ -226,3 +226,12 @@ def test_optimizer_and_precision_keys_that_would_not_act_are_refused(overrides, 
               "train.loss_scale_init": ["train.precision='float16'"],
               "train.loss_scale_period": ["train.precision='float16'"]}[key]
     fg.load_config(DIGITS, [o for o in overrides if "optimizer.name" not in o] + acting)  # where it acts: fine
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_data_dir_for_a_set_that_reads_no_files_is_refused(name, tmp_path):
+    with pytest.raises(fg.ConfigError) as err:
+        fg.load_config(DIGITS, [f"data.name='{name}'", f"data.dir='{tmp_path}'"])
+    message = str(err.value)
+    assert message.startswith("data.dir") and name in message and "mnist" in message and "\n" not in message
+    fg.load_config(DIGITS, ["data.name='mnist'", f"data.dir='{tmp_path}'"])  # where it is read: fine

@@ -125,8 +125,11 @@ def test_resnet_last_bn_of_each_branch_is_zero_initialised(small_resnet):
 
 
 def test_resnet_zero_init_residual_can_be_turned_off():
-    model = models.ResNet18(num_classes=10, stem="cifar", width=8, zero_init_residual=False)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    # Two one-block stages (the flag acts per block; depth adds nothing), initialised in one compile.
+    model = models.ResNet(stage_sizes=(1, 1), block=models.resnet.BasicBlock, num_classes=10, stem="cifar",
+                          width=8, zero_init_residual=False)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    assert len([k for k in params if k.startswith("stage")]) == 2
     blocks = [k for k in params if k.startswith("stage")]
     for k in blocks:
         np.testing.assert_array_equal(params[k]["BatchNorm_1"]["scale"], 1.0)

@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fastgpu_jax as fg
 from fastgpu_jax import data
+from conftest import register_tiny_resnet
 
 
 def _state(**sections):
@@ -112,7 +114,7 @@ def test_dropout_key_is_a_function_of_seed_and_step():
 
 
 def test_batchnorm_statistics_update_in_training():
-    _, st = _state(model={"name": "resnet18", "width": 8, "stem": "cifar"}, data={"batch_size": 8})
+    _, st = _state(model={"name": register_tiny_resnet(), "width": 8, "stem": "cifar"}, data={"batch_size": 8})
     st2, _ = jax.jit(fg.train_step)(st, _batch(8))
     before = jax.tree.leaves(st.batch_stats)
     after = jax.tree.leaves(st2.batch_stats)
@@ -157,6 +159,20 @@ def test_schedules_follow_their_formulas():
     assert float(wc(5)) == pytest.approx(1.0) and float(wc(10)) == pytest.approx(2.0)
     assert float(wc(100)) == pytest.approx(0.0, abs=1e-6)
     assert float(make_schedule("constant", 0.3, 10)(7)) == pytest.approx(0.3)
+
+
+def test_warmup_acts_under_every_schedule():
+    """optimizer.warmup_steps is never ignored: constant and cosine warm up too (optax is the reference)."""
+    from fastgpu_jax.optim import make_schedule
+
+    const = make_schedule("constant", 0.4, 100, warmup_steps=10)
+    ref = optax.join_schedules([optax.linear_schedule(0.0, 0.4, 10), optax.constant_schedule(0.4)], [10])
+    for step in (0, 3, 10, 50):
+        assert float(const(step)) == pytest.approx(float(ref(step)))
+    assert float(const(5)) == pytest.approx(0.2) and float(const(99)) == pytest.approx(0.4)
+    cos, wc = make_schedule("cosine", 1.0, 100, warmup_steps=10), make_schedule("warmup_cosine", 1.0, 100, 10)
+    assert [float(cos(s)) for s in (0, 5, 10, 60)] == [float(wc(s)) for s in (0, 5, 10, 60)]
+    assert float(cos(5)) == pytest.approx(0.5)
 
 
 def test_weight_decay_touches_kernels_only():
