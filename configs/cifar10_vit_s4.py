@@ -12,7 +12,8 @@ scratch on CIFAR-10 with only crop + flip stay well below a ResNet-18 (~94%); th
 (RandAugment, mixup/cutmix) and label smoothing of published ViT-on-CIFAR recipes, which this library does
 not have, close most of that gap.
 `:smoke` is a CIFAR-free CPU smoke run: the same network on synthetic 32x32x3 data, batch 8, float32,
-3 steps (~35 s on a 2-core CPU, mostly XLA compiling the train step).
+3 steps (mostly XLA compiling the train step; its time on a 2-core CPU is in the README's
+"Measured here" table).
 """
 
 import ml_collections

@@ -9,8 +9,8 @@ measured yet. ViT-B/16 has 86,567,656 params and costs 17.6 GMACs (~35 GFLOPs) p
 Attention runs through jax.nn.dot_product_attention, which is XLA in jax 0.10 (see
 fastgpu_jax/models/vit.py, ``attention_impl``, for cuDNN flash attention).
 `:tiny` is a CPU smoke run: 32x32 images (ViT-B/16 sees 2x2 = 4 patches + the class token), batch 8,
-float32, 3 steps. The network keeps ViT-B's 86M params, so it takes ~45 s on a 2-core CPU (mostly XLA
-compiling the 12-block train step) and writes a ~1 GB checkpoint (params + AdamW state).
+float32, 3 steps. The network keeps ViT-B's 86M params, so it is mostly XLA compiling the 12-block
+train step (time: the README's "Measured here" table) and writes a ~1 GB checkpoint (params + AdamW state).
 """
 
 import ml_collections

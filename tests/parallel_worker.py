@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Plain SGD: unlike Adam, it is not blind to a gradient scaled by the device count (psum for pmean).
 COMMON = ["train.steps=20", "train.log_every_steps=1", "train.eval_every_steps=10",
           "train.checkpoint_every_steps=10", "log.tensorboard=False", "log.progress_bar=False",
-          "data.batch_size=32", "optimizer.schedule=constant", "optimizer.name=sgd"]
+          "data.batch_size=32", "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+          "optimizer.name=sgd"]
 MODELS = {
     # Dropout on (0.1, the default): the masks of example i must not depend on which device holds it.
     "cnn": ["model.width=16", "data.eval_batch_size=360", "optimizer.lr=0.1", "optimizer.momentum=0.0"],

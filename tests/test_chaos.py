@@ -154,8 +154,10 @@ def test_transient_error_inside_orbax_is_not_corruption(copy_run, monkeypatch):
 # user, so that a chmod-000 file is unreadable to it (root reads one anyway).
 _UNPRIVILEGED = """
 import os, sys
-import jax, fastgpu_jax, fastgpu_jax.cli
+import jax, fastgpu_jax, fastgpu_jax.cli, fastgpu_jax.quiet
 from fastgpu_jax import data
+# Load the package before dropping privileges: the checkout may be unreadable to the unprivileged user.
+[getattr(fastgpu_jax, name) for name in fastgpu_jax.__all__]
 jax.devices()
 for split in ("train", "val", "test"):
     data.load_split("digits", split)

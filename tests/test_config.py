@@ -12,8 +12,8 @@ from conftest import DIGITS, ROOT
 
 
 def test_defaults_file_and_overrides_merge():
-    cfg = fg.load_config(DIGITS, overrides=["optimizer.lr=3e-4", "--config.train.steps=70", "data.dir=/x"])
-    assert cfg.optimizer.lr == 3e-4 and cfg.train.steps == 70 and cfg.data.dir == "/x"
+    cfg = fg.load_config(DIGITS, overrides=["optimizer.lr=3e-4", "--config.train.steps=70", "data.batch_size=32"])
+    assert cfg.optimizer.lr == 3e-4 and cfg.train.steps == 70 and cfg.data.batch_size == 32
     assert cfg.data.name == "digits"  # from the file
     assert cfg.train.precision == C.SCHEMA["train.precision"].default  # from the defaults
 

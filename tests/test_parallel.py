@@ -87,7 +87,8 @@ def _cli(workdir, overrides, steps=None):
     flat = {k: v for k, v in fg.config.to_flat_dict(base).items()}
     for key in ("train.steps", "train.log_every_steps", "train.eval_every_steps", "train.checkpoint_every_steps",
                 "model.dropout_rate", "model.width", "data.batch_size", "data.eval_batch_size",
-                "optimizer.name", "optimizer.lr", "optimizer.momentum", "optimizer.schedule", "log.tensorboard",
+                "optimizer.name", "optimizer.lr", "optimizer.momentum", "optimizer.schedule",
+                "optimizer.warmup_steps", "log.tensorboard",
                 "log.progress_bar"):
         cmd.append(f"--config.{key}={flat[key]}")
     if steps:
