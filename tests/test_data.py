@@ -5,11 +5,14 @@ import gzip
 import json
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from fastgpu_jax import data
+from conftest import ROOT
 
 N_IDX_TRAIN = data.VAL_SIZE + 12  # the last VAL_SIZE train examples are the val split
 N_IDX_TEST = 7
@@ -227,6 +230,21 @@ def test_cifar_bad_files_name_the_file(cifar, tmp_path, case):
 
 
 # --------------------------------------------------------------------------- digits / synthetic / misc
+
+
+def test_digits_are_read_as_scikit_learn_loads_them_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    from fastgpu_jax.data import sources
+
+    images, labels = sources._digits_arrays()
+    ref = load_digits()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(labels, ref.target)
+    code = ("import sys\nfrom fastgpu_jax import data\nx, y = data.load_split('digits', 'test')\n"
+            "assert x.shape == (360, 8, 8, 1) and 'sklearn' not in sys.modules, sorted(sys.modules)[:5]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_digits_splits_fixed_and_disjoint():
