@@ -193,7 +193,10 @@ def test_permission_denied_files_are_an_error_and_move_nothing(finished_run, wor
     os.chmod(locked, 0o000)
     before = _snapshot(run)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    for args in (["train", "--config", DIGITS + ":quick", "--workdir", str(run), *QUIET],
+    config = world_writable_dir / "digits_cnn.py"  # the checkout itself may be private to its owner
+    shutil.copy(DIGITS, config)
+    os.chmod(config, 0o644)
+    for args in (["train", "--config", f"{config}:quick", "--workdir", str(run), *QUIET],
                  ["eval", "--workdir", str(run)]):
         proc = subprocess.run([sys.executable, "-c", _UNPRIVILEGED, *args], capture_output=True, text=True,
                               env=env, cwd=ROOT, timeout=300)
