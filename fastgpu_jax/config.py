@@ -100,10 +100,10 @@ SCHEMA: dict[str, Key] = {
     "seed": Key(0, _INT, check=_non_negative, rule=">= 0"),
     # data
     "data.name": Key("digits", _STR, choices=DATA_NAMES),
-    "data.dir": Key(None, _OPT_STR, help="folder with the data set's files (mnist, cifar10)"),
+    "data.dir": Key(None, _OPT_STR, help="folder with the data set's files (mnist, fashion_mnist, cifar10, cifar100)"),
     "data.batch_size": Key(128, _INT, check=_positive, rule="> 0", help="global batch size"),
     "data.eval_batch_size": Key(256, _INT, check=_positive, rule="> 0"),
-    "data.augment": Key(False, _BOOL, help="random crop + flip (data sets that have it: cifar10)"),
+    "data.augment": Key(False, _BOOL, help="random crop + flip (data sets that have it: cifar10, cifar100)"),
     "data.image_size": Key(32, _INT, check=_positive, rule="> 0", help="synthetic only"),
     "data.channels": Key(3, _INT, check=_positive, rule="> 0", help="synthetic only"),
     "data.num_examples": Key(1024, _INT, check=_positive, rule="> 0", help="synthetic only"),

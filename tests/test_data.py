@@ -229,6 +229,66 @@ def test_cifar_bad_files_name_the_file(cifar, tmp_path, case):
         data.load_split("cifar10", "train")
 
 
+def cifar100_record_bytes(images_hwc: np.ndarray, coarse: np.ndarray, fine: np.ndarray) -> bytes:
+    chw = images_hwc.transpose(0, 3, 1, 2).reshape(len(fine), -1)
+    return np.concatenate([coarse.astype(np.uint8)[:, None], fine.astype(np.uint8)[:, None], chw], axis=1).tobytes()
+
+
+@pytest.fixture(scope="module")
+def cifar100(tmp_path_factory):
+    """CIFAR-100 binary files in data_dir/cifar-100-binary (coarse + fine label bytes), with the reference."""
+    root = tmp_path_factory.mktemp("cifar100")
+    d = root / "cifar-100-binary"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    n = data.VAL_SIZE + 12
+    train_x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    train_fine = rng.integers(0, 100, n)
+    (d / "train.bin").write_bytes(cifar100_record_bytes(train_x, train_fine // 5, train_fine))
+    test_x = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    test_fine = np.array([0, 99, 5, 17, 42, 63, 88])
+    (d / "test.bin").write_bytes(cifar100_record_bytes(test_x, test_fine // 5, test_fine))
+    return root, (train_x, train_fine), (test_x, test_fine)
+
+
+def test_cifar100_loads_the_fine_labels_exactly(cifar100):
+    root, (tx, ty), (sx, sy) = cifar100
+    cut = len(ty) - data.VAL_SIZE
+    for split, (ex, ey) in {"train": (tx[:cut], ty[:cut]), "val": (tx[cut:], ty[cut:]), "test": (sx, sy)}.items():
+        x, y = data.load_split("cifar100", split, root)  # found in root/cifar-100-binary
+        assert x.dtype == np.uint8 and y.dtype == np.int32
+        np.testing.assert_array_equal(x, ex)
+        np.testing.assert_array_equal(y, ey)
+    info = data.info("cifar100", root / "cifar-100-binary")
+    assert info.num_classes == 100 and info.image_shape == (32, 32, 3) and info.split_sizes["test"] == 7
+    plain = take(data.train_iterator("cifar100", batch_size=4, seed=1, data_dir=root), 2)
+    aug = take(data.train_iterator("cifar100", batch_size=4, seed=1, data_dir=root, augment=True), 2)
+    for p, a in zip(plain, aug):  # crop + flip moves pixels, never labels
+        np.testing.assert_array_equal(p["label"], a["label"])
+        assert not np.array_equal(p["image"], a["image"])
+
+
+@pytest.mark.parametrize("case", ["size", "label", "missing"])
+def test_cifar100_bad_files_name_the_file(cifar100, tmp_path, case):
+    d = tmp_path / "c100"
+    d.mkdir()
+    for f in (cifar100[0] / "cifar-100-binary").iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    raw = (d / "test.bin").read_bytes()
+    if case == "size":
+        (d / "test.bin").write_bytes(raw[:-3])
+        err, words = ValueError, "multiple of 3074"
+    elif case == "label":
+        (d / "test.bin").write_bytes(raw[:1] + bytes([100]) + raw[2:])  # fine label 100: out of 0..99
+        err, words = ValueError, "out of range 0..99"
+    else:
+        (d / "test.bin").unlink()
+        err, words = FileNotFoundError, "missing CIFAR-100 file"
+    with pytest.raises(err, match=re.escape("test.bin")) as exc:
+        data.load_split("cifar100", "test", d)
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
 # --------------------------------------------------------------------------- digits / synthetic / misc
 
 

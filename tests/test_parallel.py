@@ -43,26 +43,33 @@ def _params_rel(workdir_a, workdir_b) -> float:
                for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
 
 
+@pytest.fixture(scope="module")
+def one_device_cnn(tmp_path_factory):
+    """The cnn worker config (dropout on, plain SGD) trained in this process, on its single CPU device:
+    (workdir, train losses), the reference of every cnn agreement test here."""
+    workdir = tmp_path_factory.mktemp("one_device") / "cnn"
+    fg.train(config("cnn"), str(workdir))
+    return workdir, train_losses(str(workdir))
+
+
 @pytest.mark.parametrize("model", ["cnn", "resnet"])
-def test_dp_fsdp_pmap_follow_the_single_device_curve(model, tmp_path):
-    proc = subprocess.run([sys.executable, WORKER, str(tmp_path), model, "none,dp,fsdp,pmap"], env=_env(8),
+def test_dp_fsdp_pmap_follow_the_single_device_curve(model, tmp_path, request):
+    # The cnn's reference is the shared in-process run; the resnet's is trained by the worker (strategy none).
+    strategies = "dp,fsdp,pmap" if model == "cnn" else "none,dp,fsdp,pmap"
+    proc = subprocess.run([sys.executable, WORKER, str(tmp_path), model, strategies], env=_env(8),
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curves = json.loads(proc.stdout.strip().splitlines()[-1])
+    if model == "cnn":
+        ref_dir, curves["none"] = request.getfixturevalue("one_device_cnn")
+    else:
+        ref_dir = tmp_path / f"{model}-none"
     assert len(curves["none"]) == 20
     for strategy in ("dp", "fsdp", "pmap"):
         assert _max_rel(curves[strategy], curves["none"]) < 1e-5, strategy
-        assert _params_rel(tmp_path / f"{model}-{strategy}", tmp_path / f"{model}-none") < 1e-4, strategy
+        assert _params_rel(tmp_path / f"{model}-{strategy}", ref_dir) < 1e-4, strategy
     info = json.loads((tmp_path / f"{model}-fsdp" / "config.json").read_text())
     assert info["mesh"] == {"data": 1, "fsdp": 8, "model": 1} and len(info["devices"]) == 8
-
-
-@pytest.fixture(scope="module")
-def one_device_cnn(tmp_path_factory):
-    """The cnn worker config (dropout on, plain SGD) trained in this process, on its single CPU device."""
-    workdir = tmp_path_factory.mktemp("one_device") / "cnn"
-    fg.train(config("cnn"), str(workdir))
-    return train_losses(str(workdir))
 
 
 @pytest.mark.parametrize("devices, strategies", [(2, "dp,pmap"), (4, "fsdp,dp")])
@@ -72,7 +79,7 @@ def test_2_and_4_devices_follow_the_1_device_curve_with_dropout(devices, strateg
     assert proc.returncode == 0, proc.stderr[-3000:]
     curves = json.loads(proc.stdout.strip().splitlines()[-1])
     for strategy in strategies.split(","):
-        assert _max_rel(curves[strategy], one_device_cnn) < 1e-5, (devices, strategy)
+        assert _max_rel(curves[strategy], one_device_cnn[1]) < 1e-5, (devices, strategy)
 
 
 def _free_port() -> int:
@@ -96,7 +103,7 @@ def _cli(workdir, overrides, steps=None):
     return cmd + [f"--config.{o}" for o in overrides]
 
 
-def test_two_local_processes_match_the_single_process_run(tmp_path):
+def test_two_local_processes_match_the_single_process_run(tmp_path, one_device_cnn):
     port = _free_port()
     procs = [subprocess.Popen(_cli(tmp_path / "multi", ["parallel.strategy=dp", f"parallel.coordinator=127.0.0.1:{port}",
                                                           "parallel.num_processes=2", f"parallel.process_id={i}"]),
@@ -105,9 +112,9 @@ def test_two_local_processes_match_the_single_process_run(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    fg.train(config("cnn"), str(tmp_path / "single"))
-    assert _max_rel(train_losses(str(tmp_path / "multi")), train_losses(str(tmp_path / "single"))) < 1e-5
-    assert _params_rel(tmp_path / "multi", tmp_path / "single") < 1e-4
+    single, single_losses = one_device_cnn
+    assert _max_rel(train_losses(str(tmp_path / "multi")), single_losses) < 1e-5
+    assert _params_rel(tmp_path / "multi", single) < 1e-4
     info = json.loads((tmp_path / "multi" / "config.json").read_text())
     assert info["process_count"] == 2 and len(info["devices"]) == 4
 

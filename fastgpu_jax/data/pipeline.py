@@ -130,7 +130,7 @@ def train_dataset(name: str, *, batch_size: int, seed: int, data_dir=None, augme
         return {"image": _crop_flip(batch["image"], oy, ox, flip, CROP_PADDING), "label": batch["label"]}
 
     ds = grain.MapDataset.range(sys.maxsize).map(load)
-    if augment and name == "cifar10":
+    if augment and name in ("cifar10", "cifar100"):
         ds = ds.map_with_index(augment_cifar)
     return ds
 
@@ -143,7 +143,7 @@ def train_iterator(name: str, *, batch_size: int, seed: int, data_dir=None, augm
     It is a Grain ``DatasetIterator``: ``get_state()`` returns a JSON-serialisable
     dict and ``set_state(state)`` resumes exactly. ``augment=True`` (random
     4-pixel crop, padded with the mean, + horizontal flip) applies to ``cifar10``
-    only; for other data sets it is ignored (small grey digits are not
+    and ``cifar100`` only; for other data sets it is ignored (small grey digits are not
     flip-invariant, and synthetic data is for throughput).
     """
     ds = train_dataset(name, batch_size=batch_size, seed=seed, data_dir=data_dir, augment=augment,

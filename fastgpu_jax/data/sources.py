@@ -1,4 +1,4 @@
-"""Raw data set loaders: digits, IDX (MNIST / Fashion-MNIST), CIFAR-10 binary, synthetic.
+"""Raw data set loaders: digits, IDX (MNIST / Fashion-MNIST), CIFAR-10/100 binary, synthetic.
 
 Everything here returns plain numpy arrays in the data set's native pixel scale
 (digits 0..16, MNIST/CIFAR uint8 0..255, synthetic float32 N(0, 1)) so that the
@@ -15,7 +15,7 @@ refers to the same examples:
 * digits: ``default_rng(0)`` permutation of the 1,797 examples; test = first
   360, val = next 180, train = remaining 1,257. mean/std are computed from the
   train split (deterministic, so they never change between runs).
-* mnist / fashion_mnist / cifar10: val = the LAST 5,000 examples of the train
+* mnist / fashion_mnist / cifar10 / cifar100: val = the LAST 5,000 examples of the train
   files, train = the rest, test = the official test file(s).
 * synthetic: one fixed ``default_rng(0)`` draw; train, val and test are the SAME
   examples (it exists to measure throughput, not generalisation).
@@ -59,6 +59,11 @@ _CIFAR_RECORD = 1 + 3 * 32 * 32
 _CIFAR_MEAN = (125.3, 123.0, 113.9)
 _CIFAR_STD = (63.0, 62.1, 66.7)
 _NUM_CLASSES = 10
+# CIFAR-100 binary version: train.bin / test.bin, records of coarse label, fine label, 3x32x32 pixels.
+_CIFAR100_TRAIN_FILE, _CIFAR100_TEST_FILE = "train.bin", "test.bin"
+_CIFAR100_SUBDIR = "cifar-100-binary"
+_CIFAR100_MEAN = (129.3, 124.1, 112.4)  # 255 x (0.5071, 0.4865, 0.4409), the usual train-set statistics
+_CIFAR100_STD = (68.2, 65.4, 70.4)  # 255 x (0.2673, 0.2564, 0.2762)
 
 _SYNTHETIC_DEFAULTS = {"image_size": 32, "channels": 3, "num_classes": 10, "num_examples": 1024}
 
@@ -85,6 +90,7 @@ DATASETS = {
     "mnist": DatasetSpec((28, 28, 1), 10, files="the MNIST IDX files"),
     "fashion_mnist": DatasetSpec((28, 28, 1), 10, files="the Fashion-MNIST IDX files"),
     "cifar10": DatasetSpec((32, 32, 3), 10, files="the CIFAR-10 binary batches", options=("augment",)),
+    "cifar100": DatasetSpec((32, 32, 3), 100, files="the CIFAR-100 binary files", options=("augment",)),
     "synthetic": DatasetSpec(None, None, options=("image_size", "channels", "num_examples")),
 }
 DATASET_NAMES = tuple(DATASETS)
@@ -309,25 +315,28 @@ def _idx_splits(name: str, data_dir) -> dict:
 # --------------------------------------------------------------------------- CIFAR-10
 
 
-def read_cifar_bin(path) -> tuple:
-    """Parse one CIFAR-10 binary batch: records of 1 label byte + 3072 bytes
-    (R, G, B planes of 32x32, channel-major), returned as HWC uint8 + int32 labels."""
+def read_cifar_bin(path, *, fine: bool | None = None) -> tuple:
+    """Parse one CIFAR binary file, returned as HWC uint8 + int32 labels. CIFAR-10 records are 1 label byte +
+    3072 pixel bytes (R, G, B planes of 32x32, channel-major); ``fine=True`` reads CIFAR-100 records (coarse
+    label byte, fine label byte, pixels) and returns the 100 fine labels."""
     path = Path(path)
+    label_bytes, classes, what = (2, 100, "CIFAR-100") if fine else (1, _NUM_CLASSES, "CIFAR-10")
+    record = label_bytes + 3 * 32 * 32
     buf = path.read_bytes()
-    if len(buf) == 0 or len(buf) % _CIFAR_RECORD:
+    if len(buf) == 0 or len(buf) % record:
         raise ValueError(
-            f"{str(path)!r} has {len(buf)} bytes, not a positive multiple of {_CIFAR_RECORD}; expected CIFAR-10 "
-            "binary records (1 label byte + 3x32x32 pixel bytes)"
+            f"{str(path)!r} has {len(buf)} bytes, not a positive multiple of {record}; expected {what} binary "
+            f"records ({label_bytes} label byte{'s' if label_bytes > 1 else ''} + 3x32x32 pixel bytes)"
         )
-    rec = np.frombuffer(buf, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
-    labels = rec[:, 0].astype(np.int32)
-    if labels.max() >= _NUM_CLASSES:
-        bad = int(np.argmax(labels >= _NUM_CLASSES))
+    rec = np.frombuffer(buf, dtype=np.uint8).reshape(-1, record)
+    labels = rec[:, label_bytes - 1].astype(np.int32)
+    if labels.max() >= classes:
+        bad = int(np.argmax(labels >= classes))
         raise ValueError(
-            f"{str(path)!r} record {bad} has label byte {int(labels[bad])}, out of range 0..{_NUM_CLASSES - 1} "
-            "(CIFAR-10 binary format)"
+            f"{str(path)!r} record {bad} has label byte {int(labels[bad])}, out of range 0..{classes - 1} "
+            f"({what} binary format)"
         )
-    images = np.ascontiguousarray(rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    images = np.ascontiguousarray(rec[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return images, labels
 
 
@@ -359,6 +368,31 @@ def _cifar_splits(data_dir) -> dict:
     return _cifar_splits_cached(str(d), _signature(files))
 
 
+def _cifar100_dir(data_dir) -> Path:
+    expected = f"{_CIFAR100_TRAIN_FILE}, {_CIFAR100_TEST_FILE} (CIFAR-100 binary version)"
+    d = _resolve_dir("cifar100", data_dir, expected + f" (directly or in {_CIFAR100_SUBDIR}/)")
+    if not (d / _CIFAR100_TRAIN_FILE).is_file() and (d / _CIFAR100_SUBDIR).is_dir():
+        d = d / _CIFAR100_SUBDIR
+    for f in (_CIFAR100_TRAIN_FILE, _CIFAR100_TEST_FILE):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"missing CIFAR-100 file {str(d / f)!r}; expected {expected} in data.dir or "
+                                    f"data.dir/{_CIFAR100_SUBDIR}")
+    return d
+
+
+@functools.lru_cache(maxsize=1)
+def _cifar100_splits_cached(directory: str, signature: tuple) -> dict:
+    del signature
+    d = Path(directory)
+    train = read_cifar_bin(d / _CIFAR100_TRAIN_FILE, fine=True)
+    return _split_train_val(train, read_cifar_bin(d / _CIFAR100_TEST_FILE, fine=True), d / _CIFAR100_TRAIN_FILE)
+
+
+def _cifar100_splits(data_dir) -> dict:
+    d = _cifar100_dir(data_dir)
+    return _cifar100_splits_cached(str(d), _signature([d / _CIFAR100_TRAIN_FILE, d / _CIFAR100_TEST_FILE]))
+
+
 # --------------------------------------------------------------------------- synthetic
 
 
@@ -383,6 +417,8 @@ def _splits(name: str, data_dir, synthetic_kw: dict) -> dict:
         return _idx_splits(name, data_dir)
     if name == "cifar10":
         return _cifar_splits(data_dir)
+    if name == "cifar100":
+        return _cifar100_splits(data_dir)
     arrays = _synthetic_arrays(*opts)
     return {s: arrays for s in SPLITS}
 
@@ -397,6 +433,8 @@ def files_missing(name: str, data_dir=None) -> str:
     try:
         if name == "cifar10":
             _cifar_dir(data_dir)
+        elif name == "cifar100":
+            _cifar100_dir(data_dir)
         else:
             _idx_paths(name, data_dir)
     except (ValueError, FileNotFoundError) as err:
@@ -441,6 +479,9 @@ def info(name: str, data_dir=None, *, image_size: int = 32, channels: int = 3, n
     elif name == "cifar10":
         mean, std = _CIFAR_MEAN, _CIFAR_STD
         n_cls = _NUM_CLASSES
+    elif name == "cifar100":
+        mean, std = _CIFAR100_MEAN, _CIFAR100_STD
+        n_cls = 100
     else:
         c = shape[-1]
         mean, std = (0.0,) * c, (1.0,) * c
