@@ -59,9 +59,11 @@ CIFAR_PER_FILE = 1002  # 5 files -> 5010 train records -> 10 train + 5000 val
 CIFAR_TEST = 6
 
 
-def cifar_record_bytes(images_hwc: np.ndarray, labels: np.ndarray) -> bytes:
-    chw = images_hwc.transpose(0, 3, 1, 2).reshape(len(labels), -1)
-    return np.concatenate([labels.astype(np.uint8)[:, None], chw], axis=1).tobytes()
+def cifar_record_bytes(images_hwc: np.ndarray, *label_columns: np.ndarray) -> bytes:
+    """CIFAR binary records: the label bytes (CIFAR-10: label; CIFAR-100: coarse, fine), then R, G, B planes."""
+    chw = images_hwc.transpose(0, 3, 1, 2).reshape(len(images_hwc), -1)
+    labels = [np.asarray(c).astype(np.uint8)[:, None] for c in label_columns]
+    return np.concatenate([*labels, chw], axis=1).tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +231,6 @@ def test_cifar_bad_files_name_the_file(cifar, tmp_path, case):
         data.load_split("cifar10", "train")
 
 
-def cifar100_record_bytes(images_hwc: np.ndarray, coarse: np.ndarray, fine: np.ndarray) -> bytes:
-    chw = images_hwc.transpose(0, 3, 1, 2).reshape(len(fine), -1)
-    return np.concatenate([coarse.astype(np.uint8)[:, None], fine.astype(np.uint8)[:, None], chw], axis=1).tobytes()
-
-
 @pytest.fixture(scope="module")
 def cifar100(tmp_path_factory):
     """CIFAR-100 binary files in data_dir/cifar-100-binary (coarse + fine label bytes), with the reference."""
@@ -244,10 +241,10 @@ def cifar100(tmp_path_factory):
     n = data.VAL_SIZE + 12
     train_x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     train_fine = rng.integers(0, 100, n)
-    (d / "train.bin").write_bytes(cifar100_record_bytes(train_x, train_fine // 5, train_fine))
+    (d / "train.bin").write_bytes(cifar_record_bytes(train_x, train_fine // 5, train_fine))
     test_x = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
     test_fine = np.array([0, 99, 5, 17, 42, 63, 88])
-    (d / "test.bin").write_bytes(cifar100_record_bytes(test_x, test_fine // 5, test_fine))
+    (d / "test.bin").write_bytes(cifar_record_bytes(test_x, test_fine // 5, test_fine))
     return root, (train_x, train_fine), (test_x, test_fine)
 
 
