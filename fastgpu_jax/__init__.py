@@ -23,7 +23,7 @@ _EXPORTS = {
     "ConfigError": "config", "build_config": "config", "load_config": "config",
     "evaluate": "evaluate", "predict": "evaluate", "restore_state": "evaluate",
     "benchmark_inference": "inference", "export_params": "inference", "load_exported": "inference",
-    "load_model": "inference",
+    "load_model": "inference", "predict_files": "inference",
     "plot_curves": "plot",
     "evaluate_quantized": "quantize", "load_quantized": "quantize", "quantize_run": "quantize",
     "StepOptions": "state", "TrainState": "state", "create_train_state": "state",

@@ -13,12 +13,28 @@ from fastgpu_jax.state import PRECISIONS, StepOptions, TrainState, create_train_
 
 
 def data_kwargs(cfg) -> dict:
-    """Extra keyword arguments of the data functions (only the synthetic set takes any)."""
+    """Extra keyword arguments of ``data.info`` and the pipelines (synthetic: its shapes; image sets: the crop
+    size)."""
     d = cfg.data
+    if d.name in data.IMAGE_DATASETS:
+        return {"image_size": d.image_size}
     if d.name != "synthetic":
         return {}
     return {"image_size": d.image_size, "channels": d.channels, "num_examples": d.num_examples,
             "num_classes": cfg.model.num_classes}
+
+
+def loader_kwargs(cfg) -> dict:
+    """How the image data sets cut and decode examples (``image_options``, ``workers``, ``prefetch``); {} for
+    the array data sets."""
+    d = cfg.data
+    if d.name not in data.IMAGE_DATASETS:
+        return {}
+    from fastgpu_jax.data.image_pipeline import ImageOptions
+
+    opts = ImageOptions(size=d.image_size, augment=d.augment, min_scale=d.crop_min_scale,
+                        max_aspect=d.crop_max_aspect, eval_crop=d.eval_crop, on_bad_example=d.on_bad_example)
+    return {"image_options": opts, "workers": d.workers, "prefetch": d.prefetch}
 
 
 def dataset_info(cfg) -> data.DatasetInfo:
@@ -50,10 +66,12 @@ def build_optimizer(cfg):
     return tx, lr_fn
 
 
-def step_options(cfg, axis_name: str | None = None) -> StepOptions:
+def step_options(cfg, axis_name: str | None = None, info: data.DatasetInfo | None = None) -> StepOptions:
+    """The step's static options; ``info``'s mean/std normalise uint8 batches on the device."""
     t = cfg.train
+    stats = {"input_mean": tuple(info.mean), "input_std": tuple(info.std)} if info is not None else {}
     return StepOptions(grad_accum_steps=t.grad_accum_steps, precision=t.precision, nan_policy=t.nan_policy,
-                       loss_scale_period=t.loss_scale_period, axis_name=axis_name)
+                       loss_scale_period=t.loss_scale_period, axis_name=axis_name, **stats)
 
 
 def apply_kernel_tuning(cfg) -> None:
@@ -74,5 +92,5 @@ def build_state(cfg, info: data.DatasetInfo | None = None, axis_name: str | None
     tx, lr_fn = build_optimizer(cfg)
     return create_train_state(build_model(cfg, axis_name), tx, seed=cfg.seed,
                               input_shape=(1,) + tuple(info.image_shape), lr_fn=lr_fn,
-                              options=step_options(cfg, axis_name), loss_scale_init=cfg.train.loss_scale_init,
+                              options=step_options(cfg, axis_name, info), loss_scale_init=cfg.train.loss_scale_init,
                               shardings=shardings, abstract=abstract)

@@ -100,11 +100,25 @@ SCHEMA: dict[str, Key] = {
     "seed": Key(0, _INT, check=_non_negative, rule=">= 0"),
     # data
     "data.name": Key("digits", _STR, choices=DATA_NAMES),
-    "data.dir": Key(None, _OPT_STR, help="folder with the data set's files (mnist, fashion_mnist, cifar10, cifar100)"),
+    "data.dir": Key(None, _OPT_STR, help="folder with the data set's files (mnist, fashion_mnist, cifar10, cifar100; "
+                                         "folder: train/<class>/ + val/<class>/; arrayrecord: convert's output)"),
     "data.batch_size": Key(128, _INT, check=_positive, rule="> 0", help="global batch size"),
     "data.eval_batch_size": Key(256, _INT, check=_positive, rule="> 0"),
-    "data.augment": Key(False, _BOOL, help="random crop + flip (data sets that have it: cifar10, cifar100)"),
-    "data.image_size": Key(32, _INT, check=_positive, rule="> 0", help="synthetic only"),
+    "data.augment": Key(False, _BOOL, help="cifar10/cifar100: 4-pixel random crop + flip; folder/arrayrecord: "
+                                           "random-resized crop + flip (off: the eval crop)"),
+    "data.image_size": Key(32, _INT, check=_positive, rule="> 0",
+                           help="synthetic: image side; folder/arrayrecord: side of the crops the model sees"),
+    "data.workers": Key(0, _INT, check=_non_negative, rule=">= 0",
+                        help="folder/arrayrecord: decoding processes (0: one thread of the train process)"),
+    "data.prefetch": Key(2, _INT, check=_positive, rule="> 0", help="folder/arrayrecord: batches ready per worker"),
+    "data.crop_min_scale": Key(0.08, _FLOAT, check=lambda v: 0 < v <= 1, rule="in (0, 1]",
+                               help="random-resized crop: smallest area fraction of the image"),
+    "data.crop_max_aspect": Key(4 / 3, _FLOAT, check=lambda v: v >= 1, rule=">= 1",
+                                help="random-resized crop: aspect ratios in [1/x, x]"),
+    "data.eval_crop": Key(0.875, _FLOAT, check=lambda v: 0 < v <= 1, rule="in (0, 1]",
+                          help="eval: resize the short side to image_size / eval_crop, then center-crop"),
+    "data.on_bad_example": Key("error", _STR, choices=("error", "skip"),
+                               help="a corrupt/unreadable image: stop naming it, or skip it (counted, logged)"),
     "data.channels": Key(3, _INT, check=_positive, rule="> 0", help="synthetic only"),
     "data.num_examples": Key(1024, _INT, check=_positive, rule="> 0", help="synthetic only"),
     # model
@@ -167,6 +181,7 @@ SCHEMA: dict[str, Key] = {
 RESUMABLE_CHANGES = frozenset({
     "train.steps", "train.log_every_steps", "train.eval_every_steps", "train.eval_split",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "data.dir", "data.eval_batch_size",
+    "data.workers", "data.prefetch",
     "log.tensorboard", "log.wandb", "log.wandb_project", "log.progress_bar", "train.profile_steps",
     # Same math within float tolerance (tested): a run may resume on the other op backend, or on another
     # device count / strategy / process layout (checkpoints reshard on restore).
@@ -297,9 +312,11 @@ def _ignored_keys(flat: dict[str, Any]) -> list[tuple[str, str]]:
         users = ", ".join(n for n, s in data.DATASETS.items() if key in s.options)
         if key == "augment":
             why = f"it has no augmentation (data sets with augmentation: {users})"
-        else:
+        elif key in ("image_size", "channels", "num_examples"):
             shape = "x".join(map(str, spec.image_shape)) if spec.image_shape else "fixed"
             why = f"its images are {shape} ({dotted} applies to {users} only)"
+        else:
+            why = f"it decodes no image files ({dotted} applies to {users} only)"
         out.append((dotted, f"has no effect on data.name='{name}': {why}"))
     if flat["data.dir"] is not None and not spec.files:
         readers = ", ".join(n for n, s in data.DATASETS.items() if s.files)

@@ -6,6 +6,7 @@ and a latency/throughput table.
     export_params(workdir, "model.msgpack")         # {params, batch_stats, config, dataset} in ONE file
     predict_fn = load_exported("model.msgpack")     # rebuilds the model from the embedded config
     rows = benchmark_inference(workdir)             # median ms per batch and images/s, printed as a table
+    rows = predict_files(workdir, ["a.jpg", "photos/"], top_k=5)   # image files -> class names (image runs)
 
 ``predict_fn`` normalises raw images (``data.normalize`` with the data set's mean/std), cuts them into batches
 of ``batch_size`` (default ``data.eval_batch_size``) and pads the last one, so the jitted forward compiles once
@@ -14,8 +15,8 @@ forward takes the variables as an argument (not baked into the program as consta
 ``fg.predict``'s bit for bit (same model, same variables, same padding, same op backend).
 
 Export file: one ``flax.serialization.msgpack_serialize`` of ``{"format": "fastgpu_jax.export/1", "params",
-"batch_stats", "config": flat config as a JSON string, "dataset": {name, image_shape, num_classes, mean, std}
-as a JSON string, "step"}``. The data set facts are embedded so a file predicts without the data files.
+"batch_stats", "config": flat config as a JSON string, "dataset": {name, image_shape, num_classes, mean, std,
+classes} as a JSON string, "step"}``. The data set facts are embedded so a file predicts without the data files.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import numpy as np
 
 from fastgpu_jax import config as config_lib
 from fastgpu_jax import data, nn
-from fastgpu_jax.builders import build_model, dataset_info
-from fastgpu_jax.evaluate import restore_state
+from fastgpu_jax.builders import build_model
+from fastgpu_jax.evaluate import restore_state, run_dataset_info
 
 FORMAT = "fastgpu_jax.export/1"
 
@@ -87,7 +88,7 @@ def load_model(workdir: str, *, batch_size: int | None = None) -> tuple[Callable
     cfg, state, step = restore_state(workdir)
     variables = _variables(state.params, state.batch_stats)
     del state  # drop the optimizer state
-    return _build(cfg, variables, dataset_info(cfg), step=step, batch_size=batch_size)
+    return _build(cfg, variables, run_dataset_info(workdir, cfg), step=step, batch_size=batch_size)
 
 
 def _build(cfg, variables, ds_info, *, step: int, batch_size: int | None):
@@ -96,8 +97,9 @@ def _build(cfg, variables, ds_info, *, step: int, batch_size: int | None):
     info = {"step": int(step), "model": cfg.model.name, "num_classes": cfg.model.num_classes,
             "image_shape": list(ds_info.image_shape), "batch_size": int(bs),
             "param_count": _param_count(variables["params"]), "backend": cfg.model.backend,
-            "dataset": ds_info.name}
+            "dataset": ds_info.name, "classes": list(ds_info.classes)}
     predict_fn.info = info
+    predict_fn.config = cfg
     return predict_fn, info
 
 
@@ -105,15 +107,13 @@ def export_params(workdir: str, path: str) -> dict:
     """Writes {params, batch_stats} of the newest checkpoint + the flat config + the data set's normalisation
     facts to ONE msgpack file at ``path``. Returns {"output", "bytes", "step", "param_count"}."""
     cfg, state, step = restore_state(workdir)
-    ds_info = dataset_info(cfg)
+    ds_info = run_dataset_info(workdir, cfg)
     payload = {
         "format": FORMAT,
         "params": jax.device_get(state.params),
         "batch_stats": jax.device_get(state.batch_stats) or {},
         "config": json.dumps(config_lib.to_flat_dict(cfg)),
-        "dataset": json.dumps({"name": ds_info.name, "image_shape": list(ds_info.image_shape),
-                               "num_classes": ds_info.num_classes, "mean": list(ds_info.mean),
-                               "std": list(ds_info.std)}),
+        "dataset": json.dumps(data.info_to_json(ds_info)),
         "step": int(step),
     }
     blob = flax.serialization.msgpack_serialize(payload)
@@ -142,12 +142,58 @@ def load_exported(path: str, *, batch_size: int | None = None) -> Callable[[np.n
     payload = read_payload(path, FORMAT, "export",
                            f"write it with `fastgpu-jax export --workdir D --output {path}`")
     cfg = config_lib.from_flat_dict(json.loads(payload["config"]))
-    d = json.loads(payload["dataset"])
-    ds_info = data.DatasetInfo(name=d["name"], image_shape=tuple(d["image_shape"]), num_classes=d["num_classes"],
-                               split_sizes={}, mean=tuple(d["mean"]), std=tuple(d["std"]))
+    ds_info = data.info_from_json(json.loads(payload["dataset"]))
     variables = _variables(payload["params"], payload.get("batch_stats") or {})
     predict_fn, _ = _build(cfg, variables, ds_info, step=int(payload["step"]), batch_size=batch_size)
     return predict_fn
+
+
+def image_files(inputs) -> list[str]:
+    """The image files named by ``inputs`` (files, or folders walked for .jpg .jpeg .png .webp .bmp, sorted)."""
+    from fastgpu_jax.data.images import IMAGE_EXTENSIONS
+
+    out = []
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = sorted(os.path.join(d, f) for d, _, files in os.walk(item) for f in files
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise FileNotFoundError(f"{item}: folder holds no image files (.jpg .jpeg .png .webp .bmp)")
+            out += found
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return out
+
+
+def predict_files(workdir: str, inputs, *, top_k: int = 1, batch_size: int | None = None) -> list[dict]:
+    """Classifies image files with the run's eval transform (resize the short side, center crop: exactly what
+    its eval split saw). One dict per file: ``{"file", "top": [[class name, probability], ...]}`` (``top_k``
+    best first). For runs trained on an image data set (``folder``/``arrayrecord``), whose class names were
+    recorded at training; a run on arrays takes arrays (``fg.predict``)."""
+    from fastgpu_jax.builders import loader_kwargs
+    from fastgpu_jax.data import images as image_lib
+
+    predict_fn, info = load_model(workdir, batch_size=batch_size)
+    cfg = predict_fn.config
+    if cfg.data.name not in data.IMAGE_DATASETS:
+        raise ValueError(f"{workdir} was trained on data.name={cfg.data.name!r}: predict on image files needs a run "
+                         "trained on folder or arrayrecord data (pass a .npy array of raw pixels instead)")
+    if isinstance(top_k, bool) or int(top_k) != top_k or not 1 <= top_k <= info["num_classes"]:
+        raise ValueError(f"top_k must be an integer in 1..{info['num_classes']}, got {top_k!r}")
+    opts = loader_kwargs(cfg)["image_options"]
+    files = image_files(inputs)
+    pixels = np.stack([image_lib.eval_transform(open(f, "rb").read(), f, size=opts.size, crop=opts.eval_crop)
+                       for f in files])
+    probs = np.asarray(jax.nn.softmax(predict_fn(pixels), axis=-1))
+    names = info["classes"] or [str(i) for i in range(info["num_classes"])]
+    rows = []
+    for f, p in zip(files, probs):
+        best = np.argsort(-p, kind="stable")[:top_k]
+        rows.append({"file": f, "top": [[names[i], float(p[i])] for i in best]})
+    return rows
 
 
 def benchmark_inference(workdir: str, batch_sizes: Sequence[int] = (1, 32, 256), iters: int = 20, *,

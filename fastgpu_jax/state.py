@@ -29,6 +29,9 @@ class StepOptions:
     nan_policy: str = "stop"  # both skip a non-finite update; "stop" makes the loop raise
     loss_scale_period: int = 2000  # float16: good steps before the loss scale doubles
     axis_name: str | None = None  # set by dp/pmap: gradients, metrics and eval sums are reduced over it
+    # Per-channel mean/std (pixel units) that turn uint8 batches into the model's float input on the device.
+    input_mean: tuple | None = None
+    input_std: tuple | None = None
 
     @property
     def dynamic_loss_scale(self) -> bool:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastgpu_jax import checkpoint, config as config_lib, data, nn, parallel, steps, workdir as workdir_lib
-from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info
+from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info, loader_kwargs
 from fastgpu_jax.errors import CheckpointError, NonFiniteError
 from fastgpu_jax.evaluate import run_eval
 from fastgpu_jax.state import with_shardings
@@ -71,7 +71,7 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
     train_iter = data.train_iterator(cfg.data.name, batch_size=cfg.data.batch_size, seed=cfg.seed,
                                      data_dir=cfg.data.dir, augment=cfg.data.augment,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
-                                     **data_kwargs(cfg))
+                                     **data_kwargs(cfg), **loader_kwargs(cfg))
 
     # The state is born in the strategy's layout: restored straight into its shards, or initialised by one
     # jit with those out_shardings. Under fsdp no device and no host ever holds a whole parameter.
@@ -95,7 +95,7 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
                 "and train from scratch")
         else:
             state = build_state(cfg, info, axis_name=strategy.axis_name, shardings=shardings)
-        _write_run_info(cfg, workdir, mesh)
+        _write_run_info(cfg, workdir, mesh, info)
 
         writer = MetricWriter(workdir, total_steps=t.steps, initial_step=start, tensorboard=cfg.log.tensorboard,
                               progress_bar=cfg.log.progress_bar, enabled=jax.process_index() == 0,
@@ -114,6 +114,7 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
             state, last_train, last_eval = _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start,
                                                  pending)
     finally:
+        train_iter.close()  # stops decoding workers, if any
         ckpt.close()  # a save in flight completes (or fails loudly) before we return or raise
         if writer is not None:
             writer.close()
@@ -130,10 +131,13 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
     eval_fn = strategy.compile_eval(steps.eval_step)
     last_train, last_eval = {}, {}
     window_start, window_steps = time.perf_counter(), 0
+    skips = _SkipLog(writer)
 
     def fetch():
         """The next batch, already on its way to the devices, and the iterator state just after it."""
-        return strategy.place_batch(next(train_iter)), train_iter.get_state()
+        batch = next(train_iter)
+        skips.add(batch.pop("skipped", ()))
+        return strategy.place_batch(batch), train_iter.get_state()
 
     with nn.default_backend(cfg.model.backend):
         batch, data_state = fetch() if start < t.steps else (None, None)
@@ -159,6 +163,8 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
                 last_train = _summarise(pending, cfg)
                 last_train["ms_per_step"] = 1000 * elapsed / max(window_steps, 1)
                 last_train["examples_per_s"] = cfg.data.batch_size * window_steps / max(elapsed, 1e-9)
+                if cfg.data.name in data.IMAGE_DATASETS and cfg.data.on_bad_example == "skip":
+                    last_train["skipped_examples"] = skips.take_window()
                 writer.write(step, "train", last_train)
                 ckpt.check()  # an asynchronous save that failed (full disk) stops the run here
                 pending, window_start, window_steps = [], time.perf_counter(), 0
@@ -273,10 +279,29 @@ def _summarise(rows: list[dict], cfg) -> dict:
     return out
 
 
+class _SkipLog:
+    """Bad examples skipped by the image pipeline (data.on_bad_example=skip): each reason printed once, counts
+    reported in the train rows of the log window."""
+
+    def __init__(self, writer):
+        self.writer, self.seen, self.window = writer, set(), 0
+
+    def add(self, reasons) -> None:
+        self.window += len(reasons)
+        for reason in reasons:
+            if reason not in self.seen:
+                self.seen.add(reason)
+                self.writer.print(f"skipped a bad example (data.on_bad_example=skip): {reason}")
+
+    def take_window(self) -> int:
+        count, self.window = self.window, 0
+        return count
+
+
 def _evaluate(eval_fn, state, strategy, cfg, split: str) -> dict:
     start = time.perf_counter()
     batches = data.eval_batches(cfg.data.name, split, batch_size=cfg.data.eval_batch_size,
-                                data_dir=cfg.data.dir, **data_kwargs(cfg))
+                                data_dir=cfg.data.dir, **data_kwargs(cfg), **loader_kwargs(cfg))
     out = run_eval(eval_fn, state, batches, place=lambda b: strategy.place_batch(b, is_global=True))
     out.pop("count")
     out["eval_seconds"] = time.perf_counter() - start
@@ -307,12 +332,14 @@ def _versions() -> dict:
     return out
 
 
-def _write_run_info(cfg, workdir: str, mesh) -> None:
-    """config.json: resolved config, command line, package versions, devices and mesh (process 0)."""
+def _write_run_info(cfg, workdir: str, mesh, ds_info) -> None:
+    """config.json: resolved config, the data set's facts (class names, mean/std: what ``predict`` needs without
+    the data), command line, package versions, devices and mesh (process 0)."""
     if jax.process_index() != 0:
         return
     info = {
         "config": config_lib.to_flat_dict(cfg),
+        "dataset": data.info_to_json(ds_info),
         "command": sys.argv,
         "versions": _versions(),
         "devices": [str(d) for d in jax.devices()],

@@ -16,6 +16,7 @@ configs, models or the train loop, so it can be tested and reused alone.
 
 from .pipeline import CROP_PADDING, eval_batches, train_dataset, train_iterator
 from .sources import (
+    IMAGE_DATASETS,
     DATASET_NAMES,
     DATASETS,
     SPLITS,
@@ -24,6 +25,8 @@ from .sources import (
     DatasetSpec,
     files_missing,
     info,
+    info_from_json,
+    info_to_json,
     load_split,
     normalize,
     read_cifar_bin,
@@ -31,6 +34,7 @@ from .sources import (
 )
 
 __all__ = [
+    "IMAGE_DATASETS",
     "CROP_PADDING",
     "DATASET_NAMES",
     "DATASETS",
@@ -41,6 +45,8 @@ __all__ = [
     "eval_batches",
     "files_missing",
     "info",
+    "info_from_json",
+    "info_to_json",
     "load_split",
     "normalize",
     "read_cifar_bin",

@@ -33,13 +33,13 @@ import threading
 import grain
 import numpy as np
 
-from . import sources
+from . import image_pipeline, sources
+from .sources import IMAGE_DATASETS
 
 # Mixed into the augmentation RNG seed so it never coincides with a shuffle stream.
 _AUGMENT_TAG = 0xA06
 # CIFAR augmentation: pad each side by this many pixels, then take a random crop.
 CROP_PADDING = 4
-_READ_OPTIONS = dict(num_threads=1, prefetch_buffer_size=4)
 
 
 class _EpochOrder:
@@ -59,6 +59,18 @@ class _EpochOrder:
                     self._cache.pop(min(self._cache))
                 self._cache[epoch] = perm
             return perm
+
+    def __getstate__(self):  # Grain workers get their own lock and cache
+        return {"n": self.n, "b": self.b, "seed": self.seed}
+
+    def __setstate__(self, state):
+        self.__init__(state["n"], state["b"], state["seed"])
+
+    def at(self, position: int, attempt: int = 0) -> int:
+        """The example at ``position`` of the endless stream; ``attempt`` k > 0: the k-th next one of the same
+        epoch (the deterministic substitute for a bad example)."""
+        epoch, offset = divmod(int(position), self.n)
+        return int(self.permutation(epoch)[(offset + attempt) % self.n])
 
     def __call__(self, step: int) -> np.ndarray:
         epoch, offset = divmod(int(step) * self.b, self.n)
@@ -88,12 +100,8 @@ def _check_int(value, what: str, minimum: int) -> int:
     return int(value)
 
 
-def train_dataset(name: str, *, batch_size: int, seed: int, data_dir=None, augment: bool = False,
-                  process_index: int = 0, process_count: int = 1, **synthetic_kw) -> grain.MapDataset:
-    """The train pipeline as a Grain ``MapDataset``: element ``s`` is this process's part
-    of the global batch of step ``s`` (random access; ``train_iterator`` iterates it)."""
+def _check_processes(batch_size, process_index, process_count) -> tuple[int, int]:
     batch_size = _check_int(batch_size, "data.batch_size", 1)
-    seed = _check_int(seed, "seed", 0)
     process_count = _check_int(process_count, "process_count", 1)
     process_index = _check_int(process_index, "process_index", 0)
     if process_index >= process_count:
@@ -102,63 +110,151 @@ def train_dataset(name: str, *, batch_size: int, seed: int, data_dir=None, augme
         raise ValueError(
             f"data.batch_size={batch_size} is not divisible by the number of processes ({process_count})"
         )
+    local = batch_size // process_count
+    return process_index * local, (process_index + 1) * local
+
+
+def train_dataset(name: str, *, batch_size: int, seed: int, data_dir=None, augment: bool = False,
+                  process_index: int = 0, process_count: int = 1, image_options=None,
+                  **synthetic_kw) -> grain.MapDataset:
+    """The train pipeline as a Grain ``MapDataset``: element ``s`` is this process's part
+    of the global batch of step ``s`` (random access; ``train_iterator`` iterates it)."""
+    return grain.MapDataset.range(sys.maxsize).map(
+        _train_loader(name, batch_size=batch_size, seed=seed, data_dir=data_dir, augment=augment,
+                      process_index=process_index, process_count=process_count, image_options=image_options,
+                      **synthetic_kw))
+
+
+def _train_loader(name: str, *, batch_size: int, seed: int, data_dir, augment: bool, process_index: int,
+                  process_count: int, image_options, **synthetic_kw):
+    """``load(step)`` -> this process's rows of the global batch of ``step``."""
+    lo, hi = _check_processes(batch_size, process_index, process_count)
+    seed = _check_int(seed, "seed", 0)
+    if name in IMAGE_DATASETS:
+        opts = image_options or image_pipeline.ImageOptions(augment=augment)
+        source = image_pipeline.open_split(name, data_dir, "train", opts)
+        _check_batch_fits(name, batch_size, len(source))
+        return image_pipeline.TrainBatches(source, _EpochOrder(len(source), batch_size, seed), seed=seed,
+                                           rows=(lo, hi), opts=opts)
     ds_info = sources.info(name, data_dir, **synthetic_kw)
     images, labels = sources.split_arrays(name, "train", data_dir, **synthetic_kw)
-    n = len(labels)
-    if batch_size > n:
-        raise ValueError(f"data.batch_size={batch_size} is larger than the {name!r} train split ({n} examples)")
-
-    local = batch_size // process_count
-    lo, hi = process_index * local, (process_index + 1) * local
-    order = _EpochOrder(n, batch_size, seed)
+    _check_batch_fits(name, batch_size, len(labels))
+    order = _EpochOrder(len(labels), batch_size, seed)
     mean = np.asarray(ds_info.mean, dtype=np.float32)
     std = np.asarray(ds_info.std, dtype=np.float32)
+    crop = augment and name in ("cifar10", "cifar100")
 
     def load(step):
         idx = order(step)[lo:hi]
         image = images[idx].astype(np.float32)
         image -= mean
         image /= std  # same arithmetic as sources.normalize, bit for bit
+        if crop:
+            rng = np.random.default_rng([seed, _AUGMENT_TAG, int(step)])
+            span = 2 * CROP_PADDING + 1
+            oy = rng.integers(0, span, size=batch_size)[lo:hi]
+            ox = rng.integers(0, span, size=batch_size)[lo:hi]
+            flip = (rng.random(batch_size) < 0.5)[lo:hi]
+            image = _crop_flip(image, oy, ox, flip, CROP_PADDING)
         return {"image": image, "label": labels[idx]}
 
-    def augment_cifar(step, batch):
-        rng = np.random.default_rng([seed, _AUGMENT_TAG, int(step)])
-        span = 2 * CROP_PADDING + 1
-        oy = rng.integers(0, span, size=batch_size)[lo:hi]
-        ox = rng.integers(0, span, size=batch_size)[lo:hi]
-        flip = (rng.random(batch_size) < 0.5)[lo:hi]
-        return {"image": _crop_flip(batch["image"], oy, ox, flip, CROP_PADDING), "label": batch["label"]}
+    return load
 
-    ds = grain.MapDataset.range(sys.maxsize).map(load)
-    if augment and name in ("cifar10", "cifar100"):
-        ds = ds.map_with_index(augment_cifar)
-    return ds
+
+def _check_batch_fits(name: str, batch_size: int, n: int) -> None:
+    if batch_size > n:
+        raise ValueError(f"data.batch_size={batch_size} is larger than the {name!r} train split ({n} examples)")
+
+
+class StepIterator:
+    """Iterates ``load(s)`` for s = next_index, next_index + 1, ...: Grain with one reader thread, or ``workers``
+    processes each holding ``prefetch`` ready elements (element s is computed by worker s mod workers, and
+    comes out in order). Its state is ``{"next_index": s}`` (JSON, the same as Grain's own for a MapDataset):
+    ``set_state`` starts a fresh Grain pipeline at that index, so a run may resume with another worker count."""
+
+    def __init__(self, load, *, workers: int = 0, prefetch: int = 4, start: int = 0, stop: int = sys.maxsize):
+        self._load, self._stop = load, stop
+        self._workers = _check_int(workers, "data.workers", 0)
+        self._prefetch = _check_int(prefetch, "data.prefetch", 1)
+        self._next, self._it = int(start), None
+
+    def _open(self):
+        ds = grain.MapDataset.range(self._next, self._stop).map(self._load)
+        if not self._workers:
+            return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch)))
+        _absl_flags_parsed()
+        mp = grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=self._prefetch)
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(mp))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._open()
+        element = next(self._it)
+        self._next += 1
+        if self._workers:  # out of Grain's shared memory, which is then released at once
+            element = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in element.items()}
+        return element
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self._next = int(state["next_index"])
+
+    def close(self) -> None:
+        """Stops the worker processes (also done when the iterator is garbage collected)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app they are never parsed (an error)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def train_iterator(name: str, *, batch_size: int, seed: int, data_dir=None, augment: bool = False,
-                   process_index: int = 0, process_count: int = 1, **synthetic_kw):
-    """Infinite iterator of ``{"image": float32 (b, H, W, C) normalised, "label": int32 (b,)}``,
-    ``b = batch_size // process_count``.
+                   process_index: int = 0, process_count: int = 1, image_options=None, workers: int = 0,
+                   prefetch: int = 4, **synthetic_kw) -> StepIterator:
+    """Infinite iterator of this process's part of each global batch, ``b = batch_size // process_count`` rows:
+    ``{"image": float32 (b, H, W, C) normalised, "label": int32 (b,)}`` for the array data sets,
+    ``{"image": uint8 (b, S, S, 3), "label", "skipped"}`` for ``folder``/``arrayrecord`` (normalised on the
+    device: 4x fewer bytes to send; ``image_options`` says how examples are cut, see ``image_pipeline``).
 
-    It is a Grain ``DatasetIterator``: ``get_state()`` returns a JSON-serialisable
-    dict and ``set_state(state)`` resumes exactly. ``augment=True`` (random
-    4-pixel crop, padded with the mean, + horizontal flip) applies to ``cifar10``
-    and ``cifar100`` only; for other data sets it is ignored (small grey digits are not
-    flip-invariant, and synthetic data is for throughput).
+    ``get_state()`` returns a JSON-serialisable dict and ``set_state(state)`` resumes exactly. ``augment=True``
+    (random 4-pixel crop, padded with the mean, + horizontal flip) applies to ``cifar10`` and ``cifar100``; for
+    digits, MNIST and synthetic data it is ignored (small grey digits are not flip-invariant, and synthetic data
+    is for throughput). ``workers``: decoding processes (image data sets; 0 = one thread of this process).
     """
-    ds = train_dataset(name, batch_size=batch_size, seed=seed, data_dir=data_dir, augment=augment,
-                       process_index=process_index, process_count=process_count, **synthetic_kw)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS)))
+    load = _train_loader(name, batch_size=batch_size, seed=seed, data_dir=data_dir, augment=augment,
+                         process_index=process_index, process_count=process_count, image_options=image_options,
+                         **synthetic_kw)
+    return StepIterator(load, workers=workers if name in IMAGE_DATASETS else 0, prefetch=prefetch)
 
 
-def eval_batches(name: str, split: str, *, batch_size: int, data_dir=None, **synthetic_kw):
+def eval_batches(name: str, split: str, *, batch_size: int, data_dir=None, image_options=None, workers: int = 0,
+                 prefetch: int = 4, **synthetic_kw):
     """One ordered pass over ``split``: ``{"image", "label", "mask"}`` batches.
 
     Every batch has exactly ``batch_size`` rows so a jitted eval step compiles once:
     the last batch is padded with zero images / label 0 and ``mask`` 0 (1 for real rows).
-    Arguments are checked now; the data is produced lazily.
+    Arguments are checked now; the data is produced lazily. Image data sets give uint8 images and
+    a ``"skipped"`` entry (see ``image_pipeline``), decoded by ``workers`` processes.
     """
     batch_size = _check_int(batch_size, "data.eval_batch_size", 1)
+    if name in IMAGE_DATASETS:
+        opts = image_options or image_pipeline.ImageOptions()
+        sources._check_split(split)
+        load = image_pipeline.EvalBatches(image_pipeline.open_split(name, data_dir, split, opts),
+                                          batch_size=batch_size, opts=opts)
+        return StepIterator(load, workers=workers, prefetch=prefetch, stop=len(load))
     ds_info = sources.info(name, data_dir, **synthetic_kw)
     images, labels = sources.split_arrays(name, split, data_dir, **synthetic_kw)
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import image_sources
+
 SPLITS = ("train", "val", "test")
 # Held-out validation examples taken from the end of the train files (IDX, CIFAR).
 VAL_SIZE = 5000
@@ -84,6 +86,8 @@ class DatasetSpec:
     options: tuple = ()
 
 
+_IMAGE_OPTIONS = ("augment", "image_size", "workers", "prefetch", "crop_min_scale", "crop_max_aspect", "eval_crop",
+                  "on_bad_example")
 # The data set registry: config.py takes the allowed ``data.name`` values and per-set options from here.
 DATASETS = {
     "digits": DatasetSpec((8, 8, 1), 10),
@@ -92,8 +96,15 @@ DATASETS = {
     "cifar10": DatasetSpec((32, 32, 3), 10, files="the CIFAR-10 binary batches", options=("augment",)),
     "cifar100": DatasetSpec((32, 32, 3), 100, files="the CIFAR-100 binary files", options=("augment",)),
     "synthetic": DatasetSpec(None, None, options=("image_size", "channels", "num_examples")),
+    # Encoded images, decoded per batch (see image_sources / image_pipeline): any size and class count.
+    "folder": DatasetSpec(None, None, files="an image folder (train/<class>/..., val/<class>/...)",
+                          options=_IMAGE_OPTIONS),
+    "arrayrecord": DatasetSpec(None, None, files="a data set written by `fastgpu-jax convert` (manifest.json + "
+                                                 "ArrayRecord shards)", options=_IMAGE_OPTIONS),
 }
 DATASET_NAMES = tuple(DATASETS)
+# Data sets of encoded image files: streamed, decoded on the host, sent to the device as uint8.
+IMAGE_DATASETS = ("folder", "arrayrecord")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +121,7 @@ class DatasetInfo:
     split_sizes: dict  # {"train": n, "val": n, "test": n}
     mean: tuple
     std: tuple
+    classes: tuple = ()  # class names by label, where the data set has them (folder, arrayrecord)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -419,6 +431,8 @@ def _splits(name: str, data_dir, synthetic_kw: dict) -> dict:
         return _cifar_splits(data_dir)
     if name == "cifar100":
         return _cifar100_splits(data_dir)
+    if name in IMAGE_DATASETS:
+        raise ValueError(f"data set {name!r} streams encoded images; read it with data.train_iterator / eval_batches")
     arrays = _synthetic_arrays(*opts)
     return {s: arrays for s in SPLITS}
 
@@ -431,7 +445,9 @@ def files_missing(name: str, data_dir=None) -> str:
     if not DATASETS[name].files:
         return ""
     try:
-        if name == "cifar10":
+        if name in IMAGE_DATASETS:
+            image_sources.classes_and_stats(name, data_dir)
+        elif name == "cifar10":
             _cifar_dir(data_dir)
         elif name == "cifar100":
             _cifar100_dir(data_dir)
@@ -466,6 +482,11 @@ def info(name: str, data_dir=None, *, image_size: int = 32, channels: int = 3, n
     ``synthetic`` and are ignored otherwise.
     """
     kw = dict(image_size=image_size, channels=channels, num_classes=num_classes, num_examples=num_examples)
+    if name in IMAGE_DATASETS:
+        classes, mean, std = image_sources.classes_and_stats(name, data_dir)
+        return DatasetInfo(name=name, image_shape=(int(image_size), int(image_size), 3), num_classes=len(classes),
+                           split_sizes=image_sources.split_sizes(name, data_dir), mean=tuple(map(float, mean)),
+                           std=tuple(map(float, std)), classes=tuple(classes))
     splits = _splits(name, data_dir, kw)
     sizes = {s: int(len(splits[s][1])) for s in SPLITS}
     shape = tuple(int(d) for d in splits["train"][0].shape[1:])
@@ -488,6 +509,18 @@ def info(name: str, data_dir=None, *, image_size: int = 32, channels: int = 3, n
         n_cls = _synthetic_options(kw)[2]
     return DatasetInfo(name=name, image_shape=shape, num_classes=n_cls, split_sizes=sizes,
                        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
+
+def info_to_json(info: DatasetInfo) -> dict:
+    """The facts a trained model needs from its data set (no split sizes), as JSON values."""
+    return {"name": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
+            "mean": list(info.mean), "std": list(info.std), "classes": list(info.classes)}
+
+
+def info_from_json(d: dict) -> DatasetInfo:
+    return DatasetInfo(name=d["name"], image_shape=tuple(d["image_shape"]), num_classes=int(d["num_classes"]),
+                       split_sizes={}, mean=tuple(d["mean"]), std=tuple(d["std"]),
+                       classes=tuple(d.get("classes", ())))
 
 
 def normalize(images, info: DatasetInfo) -> np.ndarray:
