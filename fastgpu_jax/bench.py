@@ -264,7 +264,7 @@ def data_info(cfg):
     name, data_dir = cfg.data.name, cfg.data.dir
     if not data.files_missing(name, data_dir):
         return dataset_info(cfg)
-    shape = data.DATASETS[name].image_shape
+    shape = data.DATASETS[name].image_shape or (cfg.data.image_size, cfg.data.image_size, 3)  # image sets: crops
     where = f"not found in data.dir={data_dir!r}" if data_dir else "data.dir is not set"
     print(f"bench: the {name} files are absent ({where}); timing synthetic data of the same shape instead: "
           f"{'x'.join(map(str, shape))} images, {cfg.model.num_classes} classes")

@@ -9,6 +9,7 @@
     fastgpu-jax bench   --kernels [--tiny] [--json out.json]          # Pallas vs XLA TFLOP/s table
     fastgpu-jax quantize --workdir runs/digits [--calibrate-batches 4]  # int8 PTQ; last line: one JSON object
     fastgpu-jax export  --workdir runs/digits --output model.msgpack [--bench]  # one-file params + config
+    fastgpu-jax convert --from folder --input imgs --output shards [--resize-short 256]  # ArrayRecord + manifest
 """
 
 from __future__ import annotations
@@ -101,6 +102,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="also time the jitted forward: median ms and images/s per batch size")
     x.add_argument("--batch-sizes", default="1,32,256", help="comma list of batch sizes for --bench")
     x.add_argument("--iters", type=int, default=20, help="timed calls per batch size for --bench")
+
+    v = sub.add_parser("convert", help="write an image folder, CIFAR-10 or MNIST as ArrayRecord shards + "
+                                       "manifest.json (data.name='arrayrecord'); last line: one JSON object")
+    v.add_argument("--from", dest="kind", choices=("folder", "cifar10", "mnist"),
+                   help="what --input holds: an image folder (train/<class>/, val/<class>/, optional test/), "
+                        "or the CIFAR-10 / MNIST files")
+    v.add_argument("--input", default=None, help="folder to read")
+    v.add_argument("--output", required=True, help="folder to write (must not hold a converted set already)")
+    v.add_argument("--resize-short", type=int, default=None,
+                   help="folders: shrink images so the short side is this many pixels, stored as JPEG")
+    v.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 for --resize-short (default 90)")
+    v.add_argument("--shard-size", type=int, default=5000, help="records per shard (default 5000)")
+    v.add_argument("--overwrite", action="store_true", help="replace a converted set already in --output")
+    v.add_argument("--verify", action="store_true",
+                   help="only check --output: every shard's size and SHA-256 against its manifest")
     return p
 
 
@@ -183,6 +199,21 @@ def _run(args, extra: list[str]) -> int:
         print(json.dumps(result))
     elif args.command == "plot":
         print(json.dumps({"plot": fg.plot_curves(args.workdir, args.output)}))
+    elif args.command == "convert":
+        from fastgpu_jax.data import convert, image_sources
+
+        if args.verify:
+            convert.verify(args.output)
+            manifest = image_sources.read_manifest(args.output)
+        else:
+            if not args.kind or not args.input:
+                raise UsageError("convert needs --from folder|cifar10|mnist and --input DIR (or --verify)")
+            manifest = convert.convert(args.kind, args.input, args.output, resize_short=args.resize_short,
+                                       quality=args.quality, shard_size=args.shard_size, overwrite=args.overwrite)
+        counts = {split: entry["count"] for split, entry in manifest["splits"].items()}
+        summary = {"output": args.output, "from": manifest["source"]["from"], "counts": counts,
+                   "classes": len(manifest["classes"]), "verified": bool(args.verify)}
+        print(json.dumps(summary))
     return 0
 
 

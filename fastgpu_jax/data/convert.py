@@ -50,7 +50,8 @@ def _check_arguments(kind, input_dir, output_dir, resize_short, quality, shard_s
         if kind != "folder":
             raise ValueError(f"convert: resize_short applies to image folders only (got kind {kind!r})")
         if isinstance(resize_short, bool) or not isinstance(resize_short, int) or resize_short <= 0:
-            raise ValueError(f"convert: resize_short must be a positive integer number of pixels (got {resize_short!r})")
+            raise ValueError(f"convert: resize_short must be a positive integer number of pixels "
+                             f"(got {resize_short!r})")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise ValueError(f"convert: quality must be an integer JPEG quality in 1..100 (got {quality!r})")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
@@ -109,9 +110,9 @@ def _resized(data: bytes, name: str, short: int, quality: int) -> bytes:
     enlarged, and a JPEG that needs no resizing is kept as it is (no second lossy encoding)."""
     from PIL import Image
 
-    w, h, is_jpeg = images._size_and_kind(data, name)
+    w, h, kind = images.probe(data, name)
     if min(w, h) <= short:
-        if is_jpeg:
+        if kind != "other":
             images.decode(data, name, min_size=(1, 1))  # still read: a corrupt file stops the conversion
             return data
         return _jpeg(images.decode(data, name)[0], quality)
@@ -240,12 +241,14 @@ def convert(kind: str, input_dir, output_dir, *, resize_short: int | None = None
     train examples evenly spaced over the split (all of them when fewer), decoded as stored (after resizing);
     grayscale counts as R = G = B. Integer sums make them deterministic whatever ``workers`` is.
 
-    Refuses (one-line error, nothing written) an unknown ``kind``, a missing ``input_dir``, ``resize_short`` <= 0,
-    ``quality`` outside 1..100, ``shard_size`` <= 0, and an ``output_dir`` that already holds ``manifest.json``
-    or ``.array_record`` files unless ``overwrite`` (which deletes those first). A bad image stops the conversion
-    with :class:`~fastgpu_jax.data.images.BadImageError` naming the file; the shards written so far are deleted
-    and no manifest is written. ``workers``: threads that read, check and encode folder images (default: the
-    CPU count, at most 16). ``progress``: a tqdm bar per split on a terminal.
+    Refuses (one-line error, nothing written) an unknown ``kind``, a missing ``input_dir``, ``resize_short`` <= 0
+    (or given for CIFAR-10/MNIST), ``quality`` outside 1..100, ``shard_size`` <= 0, and an ``output_dir`` that
+    already holds ``manifest.json`` or ``.array_record`` files unless ``overwrite`` (which deletes those first).
+    A bad image stops the conversion with :class:`~fastgpu_jax.data.images.BadImageError` naming the file; the
+    shards written so far are deleted and no manifest is written.
+
+    ``workers``: threads that read, check and encode folder images (default: the CPU count, at most 16).
+    ``progress``: a tqdm bar per split, shown on a terminal only.
     """
     src, out = _check_arguments(kind, input_dir, output_dir, resize_short, quality, shard_size, overwrite)
     workers = min(16, os.cpu_count() or 1) if workers is None else max(1, int(workers))

@@ -45,16 +45,17 @@ def _pil():
     return Image
 
 
-def _size_and_kind(data: bytes, name: str) -> tuple[int, int, bool]:
-    """(width, height, is_jpeg) from the header alone."""
+def probe(data: bytes, name: str) -> tuple[int, int, str]:
+    """(width, height, kind) from the header alone; kind: "jpeg-fast" (simplejpeg decodes it), "jpeg" or
+    "other" (Pillow decodes it)."""
     if not data:
         raise BadImageError(f"{name}: empty file (expected a JPEG, PNG, WebP or BMP image)")
     is_jpeg = data[:2] == _JPEG_MAGIC
     if is_jpeg and _simplejpeg is not None:
         try:
             h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
-            if colorspace in ("Gray", "YCbCr", "RGB"):
-                return _check_pixels(w, h, name), h, True
+            if colorspace in ("Gray", "YCbCr", "RGB"):  # CMYK goes to Pillow: its conversion is the reference
+                return _check_pixels(w, h, name), h, "jpeg-fast"
         except ValueError:
             pass  # Pillow reports what is wrong (or reads what simplejpeg does not)
     Image = _pil()
@@ -69,8 +70,8 @@ def _size_and_kind(data: bytes, name: str) -> tuple[int, int, bool]:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise BadImageError(f"{name}: image too large (over {MAX_PIXELS:,} pixels)") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise BadImageError(f"{name}: unreadable image header ({err})") from None
-    return _check_pixels(w, h, name), h, is_jpeg
+        raise BadImageError(f"{name}: corrupt or truncated image header ({err})") from None
+    return _check_pixels(w, h, name), h, "jpeg" if is_jpeg else "other"
 
 
 def _check_pixels(w: int, h: int, name: str) -> int:
@@ -99,9 +100,13 @@ def _to_rgb(im, name: str):
 def decode(data: bytes, name: str, *, min_size: tuple[int, int] | None = None):
     """The image as an 8-bit RGB Pillow image, and the factor its size was divided by (1, 2, 4 or 8: JPEGs only,
     the largest that keeps both sides at least ``min_size = (width, height)``)."""
-    w, h, is_jpeg = _size_and_kind(data, name)
-    want = (w, h) if min_size is None else (max(1, min(w, min_size[0])), max(1, min(h, min_size[1])))
-    if is_jpeg and _simplejpeg is not None:
+    w, h, kind = probe(data, name)
+    is_jpeg = kind != "other"
+    want = (w, h)
+    if is_jpeg and min_size is not None:  # only the 1/2, 1/4, 1/8 scales: both decoders have them
+        scale = max([1] + [s for s in (2, 4, 8) if w / s >= min_size[0] and h / s >= min_size[1]])
+        want = (math.ceil(w / scale), math.ceil(h / scale))
+    if kind == "jpeg-fast":
         try:
             a = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=want[0], min_height=want[1])
             return _pil().fromarray(a), w / a.shape[1]
@@ -173,12 +178,12 @@ def _resample_box(data: bytes, name: str, width: int, height: int, box, size: in
 def train_transform(data: bytes, name: str, rng: np.random.Generator, *, size: int, min_scale: float = 0.08,
                     max_aspect: float = 4 / 3) -> np.ndarray:
     """(size, size, 3) uint8: random-resized crop + horizontal flip (p = 0.5), all draws from ``rng``."""
-    w, h, _ = _size_and_kind(data, name)
+    w, h, _ = probe(data, name)
     box = random_resized_crop_box(rng, w, h, min_scale=min_scale, max_aspect=max_aspect)
     return _resample_box(data, name, w, h, box, size, flip=bool(rng.random() < 0.5))
 
 
 def eval_transform(data: bytes, name: str, *, size: int, crop: float = 0.875) -> np.ndarray:
     """(size, size, 3) uint8: the short side resized to ``size / crop``, then the center ``size x size``."""
-    w, h, _ = _size_and_kind(data, name)
+    w, h, _ = probe(data, name)
     return _resample_box(data, name, w, h, center_crop_box(w, h, crop=crop), size)
