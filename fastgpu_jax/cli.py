@@ -5,8 +5,10 @@
     fastgpu-jax train --help-keys                                     # every config key, default, allowed values
     fastgpu-jax eval    --workdir runs/digits [--split test]          # last stdout line: one JSON object
     fastgpu-jax predict --workdir runs/digits --input x.npy [--output y.npy] [--logits]
+    fastgpu-jax predict --workdir runs/photos --input cat.jpg photos/ [--top-k 3]  # image files: class names
     fastgpu-jax plot    --workdir runs/digits                         # writes runs/digits/curves.png
     fastgpu-jax bench   --kernels [--tiny] [--json out.json]          # Pallas vs XLA TFLOP/s table
+    fastgpu-jax bench   --config configs/folder_resnet18.py --data [--workers 0,1,2,4]  # input pipeline img/s
     fastgpu-jax quantize --workdir runs/digits [--calibrate-batches 4]  # int8 PTQ; last line: one JSON object
     fastgpu-jax export  --workdir runs/digits --output model.msgpack [--bench]  # one-file params + config
     fastgpu-jax convert --from folder --input imgs --output shards [--resize-short 256]  # ArrayRecord + manifest
@@ -60,11 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--data-dir", default=None, help="override data.dir (data moved since training)")
 
-    r = sub.add_parser("predict", help="classify images from a .npy file (raw pixels, the data set's scale)")
+    r = sub.add_parser("predict", help="classify a .npy array of raw pixels (the data set's scale), or image "
+                                       "files/folders (runs trained on folder/arrayrecord data; prints class names)")
     r.add_argument("--workdir", required=True)
-    r.add_argument("--input", required=True, help=".npy array (N, H, W, C) or (N, H, W)")
-    r.add_argument("--output", default=None, help=".npy for predicted labels (default: print them)")
-    r.add_argument("--logits", action="store_true", help="save logits (N, classes) instead of labels")
+    r.add_argument("--input", required=True, nargs="+",
+                   help="ONE .npy array (N, H, W, C) or (N, H, W); or image files and folders (.jpg .png ...)")
+    r.add_argument("--output", default=None,
+                   help=".npy for predicted labels (arrays), .json for the per-file rows (images); default: print")
+    r.add_argument("--logits", action="store_true", help="arrays: save logits (N, classes) instead of labels")
+    r.add_argument("--top-k", type=int, default=1, help="images: the K most likely classes per file (default 1)")
     r.add_argument("--batch-size", type=int, default=None)
 
     g = sub.add_parser("plot", help="write curves.png (loss/accuracy vs step) into the workdir")
@@ -76,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--kernels", action="store_true", help="kernel sweep")
     which.add_argument("--config", help="config file whose train step to time (data.batch_size per device)")
     which.add_argument("--inference", metavar="WORKDIR", help="inference latency/throughput of a trained run")
+    b.add_argument("--data", action="store_true",
+                   help="with --config: time the config's input pipeline (decode + crop, images/s per worker "
+                        "count) against its train step")
+    b.add_argument("--workers", default="0,1,2", help="comma list of data.workers values for --data")
     b.add_argument("--devices", default=None, help="comma list of device counts (default 1,2,4,.. available)")
     b.add_argument("--backends", default="xla", help="comma list of op backends (model benchmark)")
     b.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (model benchmark)")
@@ -155,16 +165,7 @@ def _run(args, extra: list[str]) -> int:
     elif args.command == "eval":
         print(json.dumps(fg.evaluate(args.workdir, args.split, data_dir=args.data_dir)))
     elif args.command == "predict":
-        import numpy as np
-
-        logits = fg.predict(args.workdir, np.load(args.input), batch_size=args.batch_size)
-        result = logits if args.logits else logits.argmax(-1)
-        summary = {"input": args.input, "count": int(len(logits)), "output": args.output}
-        if args.output:
-            np.save(args.output, result)
-        else:  # the predictions themselves, in the one JSON line
-            summary["logits" if args.logits else "labels"] = result.tolist()
-        print(json.dumps(summary))
+        print(json.dumps(_predict(fg, args)))
     elif args.command == "bench":
         from fastgpu_jax import bench
 
@@ -175,6 +176,12 @@ def _run(args, extra: list[str]) -> int:
             benchmark_inference(args.inference, iters=args.steps)
         elif args.kernels:
             bench.run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json, ops=split(args.ops))
+        elif args.data:
+            from fastgpu_jax import bench_data
+
+            cfg = fg.load_config(args.config, overrides=_split_overrides(extra))
+            bench_data.run_data_benchmark(cfg, workers=tuple(int(n) for n in split(args.workers)),
+                                          batches=args.steps, json_path=args.json)
         else:
             cfg = fg.load_config(args.config, overrides=_split_overrides(extra))
             counts = tuple(int(n) for n in split(args.devices)) if args.devices else None
@@ -217,6 +224,36 @@ def _run(args, extra: list[str]) -> int:
     return 0
 
 
+def _predict(fg, args) -> dict:
+    """Arrays in, labels/logits out; image files in, "file -> class (p)" lines out. Returns the JSON summary."""
+    import numpy as np
+
+    inputs = args.input
+    if len(inputs) == 1 and inputs[0].endswith(".npy"):
+        logits = fg.predict(args.workdir, np.load(inputs[0]), batch_size=args.batch_size)
+        result = logits if args.logits else logits.argmax(-1)
+        summary = {"input": inputs[0], "count": int(len(logits)), "output": args.output}
+        if args.output:
+            np.save(args.output, result)
+        else:  # the predictions themselves, in the one JSON line
+            summary["logits" if args.logits else "labels"] = result.tolist()
+        return summary
+    if any(x.endswith(".npy") for x in inputs):
+        raise UsageError("predict takes ONE .npy array, or image files and folders, not both")
+    if args.logits:
+        raise UsageError("--logits applies to .npy input; image files print class probabilities (--top-k)")
+    rows = fg.predict_files(args.workdir, inputs, top_k=args.top_k, batch_size=args.batch_size)
+    for row in rows:
+        print(f"{row['file']} -> " + ", ".join(f"{name} ({p:.3f})" for name, p in row["top"]))
+    summary = {"input": inputs, "count": len(rows), "output": args.output}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(rows, f, indent=1)
+    else:
+        summary["predictions"] = rows
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. User errors (config, data, checkpoints, workdir, OS errors such as a full disk) are
     one line on stderr and exit code 2; ``--traceback`` or ``FASTGPU_DEBUG=1`` shows the traceback."""
@@ -234,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if extra and args.command not in ("train", "bench", "config"):
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "bench" and args.data and not args.config:
+            raise UsageError("bench --data times a config's input pipeline: give --config FILE with it")
         return _run(args, extra)
     except (UsageError, UserError, OSError, ValueError, FloatingPointError, NotImplementedError) as err:
         if quiet.debug():

@@ -185,14 +185,16 @@ def predict_files(workdir: str, inputs, *, top_k: int = 1, batch_size: int | Non
         raise ValueError(f"top_k must be an integer in 1..{info['num_classes']}, got {top_k!r}")
     opts = loader_kwargs(cfg)["image_options"]
     files = image_files(inputs)
-    pixels = np.stack([image_lib.eval_transform(open(f, "rb").read(), f, size=opts.size, crop=opts.eval_crop)
-                       for f in files])
-    probs = np.asarray(jax.nn.softmax(predict_fn(pixels), axis=-1))
     names = info["classes"] or [str(i) for i in range(info["num_classes"])]
-    rows = []
-    for f, p in zip(files, probs):
-        best = np.argsort(-p, kind="stable")[:top_k]
-        rows.append({"file": f, "top": [[names[i], float(p[i])] for i in best]})
+    rows, chunk = [], info["batch_size"]  # decode one batch at a time: a large folder never sits in memory
+    for start in range(0, len(files), chunk):
+        part = files[start:start + chunk]
+        pixels = np.stack([image_lib.eval_transform(open(f, "rb").read(), f, size=opts.size, crop=opts.eval_crop)
+                           for f in part])
+        probs = np.asarray(jax.nn.softmax(predict_fn(pixels), axis=-1))
+        for f, p in zip(part, probs):
+            best = np.argsort(-p, kind="stable")[:top_k]
+            rows.append({"file": f, "top": [[names[i], float(p[i])] for i in best]})
     return rows
 
 

@@ -84,3 +84,24 @@ def test_xla_flop_count_matches_the_analytic_one(name):
     analytic = bench.analytic_step_flops(build_model(cfg), shape)
     assert abs(xla / analytic - 1) < 0.05, (xla, analytic)
 
+
+
+def test_bench_data_times_the_configs_own_pipeline_per_worker_count(tmp_path, capsys):
+    import fastgpu_jax as fg
+    from conftest import DIGITS
+    from fastgpu_jax import bench_data, cli
+    from image_folders import write_image_folder
+
+    root = write_image_folder(tmp_path, counts={"train": 4, "val": 1})
+    cfg = fg.load_config(DIGITS, overrides=["data.name=folder", f"data.dir={root}", "data.image_size=16",
+                                            "data.batch_size=4", "model.num_classes=3"])
+    result = bench_data.run_data_benchmark(cfg, workers=(0, 2), batches=3, step=False)
+    assert [(r["workers"], r["images"]) for r in result["rows"]] == [(0, 12), (2, 12)]
+    assert all(r["images_per_s"] > 0 and r["per_core"] == r["images_per_s"] / max(r["workers"], 1)
+               for r in result["rows"])
+    table = capsys.readouterr().out
+    assert "images/s" in table and "folder" in table
+    with pytest.raises(ValueError, match="data.name must be one of folder, arrayrecord, got 'digits'"):
+        bench_data.run_data_benchmark(fg.load_config(DIGITS), step=False)
+    assert cli.main(["bench", "--kernels", "--data"]) == 2
+    assert "give --config FILE" in capsys.readouterr().err

@@ -79,6 +79,27 @@ def test_folder_converts_verbatim_and_reads_back(folder, tmp_path):
         verify(out)
 
 
+def test_arrayrecord_batches_equal_the_folders_batches(folder, tmp_path):
+    """A converted set is the same data set: same seed, same train and eval batches, whichever the source."""
+    out = tmp_path / "ar"
+    convert("folder", folder, out, shard_size=5, progress=False)
+    opts = data.image_pipeline.ImageOptions(size=12, augment=True)
+    kw = dict(batch_size=8, seed=4, image_options=opts)
+    a = data.train_iterator("folder", data_dir=folder, **kw)
+    b = data.train_iterator("arrayrecord", data_dir=out, workers=2, **kw)
+    for _ in range(5):  # 40 examples: past the end of the first epoch
+        x, y = next(a), next(b)
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    b.close()
+    ev = [list(data.eval_batches(name, "val", batch_size=4, data_dir=d, image_options=opts))
+          for name, d in (("folder", folder), ("arrayrecord", out))]
+    assert len(ev[0]) == len(ev[1]) == 2
+    for x, y in zip(*ev):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(x[key], y[key])
+
+
 def test_same_input_same_output(folder, tmp_path):
     a = convert("folder", folder, tmp_path / "a", progress=False, workers=1)
     b = convert("folder", folder, tmp_path / "b", progress=False, workers=3)

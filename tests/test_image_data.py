@@ -284,6 +284,30 @@ def test_a_folder_run_learns_and_predicts_class_names_without_the_data(folder, f
     assert json.load(open(workdir / "config.json"))["dataset"]["classes"] == ["blue", "green", "red"]
 
 
+def test_cli_predict_on_image_files_prints_class_names(folder, folder_run, capsys):
+    """``predict --input FILE FOLDER``: one "file -> class (p)" line per image, the rows in the JSON line last;
+    batched decoding (--batch-size 4 over 7 files) gives what ``predict_files`` gives in one batch."""
+    from fastgpu_jax import cli
+
+    workdir, _ = folder_run
+    one = str(folder / "val" / "red" / sorted(os.listdir(folder / "val" / "red"))[0])
+    inputs = [one, str(folder / "val" / "blue")]
+    assert cli.main(["predict", "--workdir", str(workdir), "--input", *inputs, "--top-k", "3",
+                     "--batch-size", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    ref = fg.predict_files(str(workdir), inputs, top_k=3)
+    assert summary["count"] == 7 and [r["file"] for r in summary["predictions"]] == [r["file"] for r in ref]
+    for got, want in zip(summary["predictions"], ref):
+        assert [c for c, _ in got["top"]] == [c for c, _ in want["top"]]
+        np.testing.assert_allclose([p for _, p in got["top"]], [p for _, p in want["top"]], rtol=1e-5)
+    assert lines[0].startswith(f"{one} -> ") and lines[0].count("(") == 3
+    assert cli.main(["predict", "--workdir", str(workdir), "--input", one, "x.npy"]) == 2
+    assert "ONE .npy array, or image files" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="top_k must be an integer in 1..3"):
+        fg.predict_files(str(workdir), one, top_k=4)
+
+
 def test_a_sigkilled_run_with_workers_resumes_bit_identical(folder, folder_run, tmp_path):
     """Killed (with its decoding workers) after a checkpoint, resumed with another worker count: the same
     metrics and parameters as the uninterrupted run with no workers at all (``folder_run``)."""
