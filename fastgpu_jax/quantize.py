@@ -31,7 +31,8 @@ Quantized variables (what the forward takes and what is saved) are nested dicts 
 File (``quantize_run`` writes ``WORKDIR/quantized/params.msgpack``; ``save_quantized`` / ``load_quantized``):
 one ``flax.serialization.msgpack_serialize`` of the dict above plus ``"format"`` (``fastgpu_jax.quantized/1``),
 ``"config"`` (the run's flat config as a JSON string, so the file rebuilds its model alone), ``"step"`` and
-``"calibrate_batches"``. ``quantize_run`` also writes ``quantized/metrics.json`` (the returned dict).
+``"calibrate_batches"`` and ``"dataset"`` (the data set facts: class names, and the mean/std that normalise the
+uint8 batches of the image data sets on the device, as in training). ``quantize_run`` also writes ``quantized/metrics.json`` (the returned dict).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ from jax import lax
 
 from fastgpu_jax import config as config_lib
 from fastgpu_jax import data, nn, steps
-from fastgpu_jax.builders import build_model, data_kwargs
-from fastgpu_jax.evaluate import restore_state
+from fastgpu_jax.builders import build_model, data_kwargs, loader_kwargs
+from fastgpu_jax.evaluate import restore_state, run_dataset_info
 from fastgpu_jax.inference import read_payload
 from fastgpu_jax.nn.backend import LayerOp
 from fastgpu_jax.nn.layers import Conv, Dense
@@ -138,14 +139,26 @@ def record_input_absmax() -> Iterator[dict]:
         yield record
 
 
-def calibrate(model, variables: dict, batches: Iterable[dict]) -> dict:
-    """Per-layer input scales ``max|x| / 127`` over ``batches`` (dicts with "image", normalised), as a tree
-    ``{.. {"kernel": f32 ()}}`` mirroring the params. ``variables`` are the float model's variables."""
+def model_images(images, stats: tuple | None):
+    """The model's input: uint8 images (the image data sets' batches) normalised with ``stats = (mean, std)``
+    exactly as the train step does (``steps.model_input``); float images are normalised already."""
+    if images.dtype != jnp.uint8:
+        return images
+    if stats is None:
+        raise ValueError("uint8 images need the data set's (mean, std) to be normalised; pass stats")
+    mean, std = (jnp.asarray(s, jnp.float32) for s in stats)
+    return (images.astype(jnp.float32) - mean) / std
+
+
+def calibrate(model, variables: dict, batches: Iterable[dict], stats: tuple | None = None) -> dict:
+    """Per-layer input scales ``max|x| / 127`` over ``batches`` (dicts with "image": normalised float, or uint8
+    normalised with ``stats = (mean, std)``), as a tree ``{.. {"kernel": f32 ()}}`` mirroring the params.
+    ``variables`` are the float model's variables."""
 
     @jax.jit
     def absmax(variables, images):
         with record_input_absmax() as record:
-            model.apply(variables, images, train=False)
+            model.apply(variables, model_images(images, stats), train=False)
         return {"/".join(p): v for p, v in record.items()}
 
     total: dict[str, float] = {}
@@ -292,11 +305,15 @@ def quantized_param_bytes(qvars: dict) -> int:
     return sum(_nbytes(qvars.get(k) or {}) for k in ("int8", "scales", "input_scales", "float"))
 
 
-def save_quantized(path: str, qvars: dict, cfg, *, step: int = 0, calibrate_batches: int = 0) -> str:
-    """Writes the quantized variables + the flat config to ``path`` (one msgpack file); returns ``path``."""
+def save_quantized(path: str, qvars: dict, cfg, *, step: int = 0, calibrate_batches: int = 0,
+                   ds_info: data.DatasetInfo | None = None) -> str:
+    """Writes the quantized variables + the flat config (+ the data set facts) to ``path`` (one msgpack file);
+    returns ``path``."""
     payload = {k: jax.device_get(qvars.get(k) or {}) for k in COLLECTIONS + ("float", "batch_stats")}
     payload.update(format=FORMAT, config=json.dumps(config_lib.to_flat_dict(cfg)), step=int(step),
                    calibrate_batches=int(calibrate_batches))
+    if ds_info is not None:
+        payload["dataset"] = json.dumps(data.info_to_json(ds_info))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -318,20 +335,21 @@ def load_quantized(workdir_or_file: str) -> tuple[Any, dict, dict]:
     payload = read_payload(path, FORMAT, "quantized", "run `fastgpu-jax quantize --workdir WORKDIR` first")
     cfg = config_lib.from_flat_dict(json.loads(payload["config"]))
     qvars = {k: payload.get(k) or {} for k in COLLECTIONS + ("float", "batch_stats")}
-    meta = {"step": int(payload["step"]), "calibrate_batches": int(payload["calibrate_batches"]), "path": path}
+    meta = {"step": int(payload["step"]), "calibrate_batches": int(payload["calibrate_batches"]), "path": path,
+            "dataset": data.info_from_json(json.loads(payload["dataset"])) if "dataset" in payload else None}
     return cfg, qvars, meta
 
 
 # --------------------------------------------------------------------------- whole runs
 
 
-def _eval_fns(model):
-    float_eval = jax.jit(steps.eval_step)
+def _eval_fns(model, stats: tuple | None):
+    float_eval = jax.jit(steps.eval_step)  # its state's StepOptions carry the mean/std
 
     @jax.jit
     def int8_eval(qvars, batch):
-        return steps.compute_metrics(quantized_apply(model, qvars, batch["image"]), batch["label"],
-                                     batch.get("mask"))
+        return steps.compute_metrics(quantized_apply(model, qvars, model_images(batch["image"], stats)),
+                                     batch["label"], batch.get("mask"))
 
     return float_eval, int8_eval
 
@@ -346,16 +364,36 @@ def _aggregate(sums: list) -> dict:
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(totals["count"])}
 
 
+def _arrays(batch: dict) -> dict:
+    """The batch without the image sets' "skipped" names (bad examples are masked out already)."""
+    return {k: v for k, v in batch.items() if k != "skipped"}
+
+
 def _eval_batches(cfg, split: str, data_dir: str | None):
     d = cfg.data
-    return data.eval_batches(d.name, split, batch_size=d.eval_batch_size, data_dir=data_dir or d.dir,
-                             **data_kwargs(cfg))
+    batches = data.eval_batches(d.name, split, batch_size=d.eval_batch_size, data_dir=data_dir or d.dir,
+                                **data_kwargs(cfg), **loader_kwargs(cfg))
+    return map(_arrays, batches)
+
+
+def _calibration_batches(cfg, n: int, data_dir: str | None) -> list[dict]:
+    d = cfg.data
+    it = data.train_iterator(d.name, batch_size=d.batch_size, seed=cfg.seed, data_dir=data_dir or d.dir,
+                             **data_kwargs(cfg), **loader_kwargs(cfg))
+    try:
+        return [_arrays(next(it)) for _ in range(n)]
+    finally:
+        getattr(it, "close", lambda: None)()  # decoding workers, if any
+
+
+def _stats(ds_info) -> tuple | None:
+    return None if ds_info is None else (tuple(ds_info.mean), tuple(ds_info.std))
 
 
 def evaluate_quantized(workdir_or_file: str, split: str = "test", *, data_dir: str | None = None) -> dict:
     """{"split", "step", "loss", "accuracy", "count"} of a saved quantized model."""
     cfg, qvars, meta = load_quantized(workdir_or_file)
-    _, int8_eval = _eval_fns(build_model(cfg))
+    _, int8_eval = _eval_fns(build_model(cfg), _stats(meta["dataset"]))
     with nn.default_backend(cfg.model.backend):
         sums = [int8_eval(qvars, b) for b in _eval_batches(cfg, split, data_dir)]
     return {"split": split, "step": meta["step"], **_aggregate(sums)}
@@ -374,22 +412,21 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 4, split: str = "test
         raise ValueError(f"calibrate_batches must be an integer >= 0, got {calibrate_batches!r}")
     cfg, state, step = restore_state(workdir)
     model = build_model(cfg)
-    d = cfg.data
+    ds_info = run_dataset_info(workdir, cfg)
     input_scales = None
     with nn.default_backend(cfg.model.backend):
         if calibrate_batches:
-            it = data.train_iterator(d.name, batch_size=d.batch_size, seed=cfg.seed, data_dir=data_dir or d.dir,
-                                     **data_kwargs(cfg))
-            input_scales = calibrate(model, state.variables, (next(it) for _ in range(int(calibrate_batches))))
+            batches = _calibration_batches(cfg, int(calibrate_batches), data_dir)
+            input_scales = calibrate(model, state.variables, batches, _stats(ds_info))
         qvars = quantize_variables(state.params, state.batch_stats, input_scales)
-        float_eval, int8_eval = _eval_fns(model)
+        float_eval, int8_eval = _eval_fns(model, _stats(ds_info))
         float_sums, int8_sums = [], []
         for batch in _eval_batches(cfg, split, data_dir):  # the same batches for both models
             float_sums.append(float_eval(state, batch))
             int8_sums.append(int8_eval(qvars, batch))
     float_m, int8_m = _aggregate(float_sums), _aggregate(int8_sums)
     path = save_quantized(os.path.join(workdir, QUANTIZED_DIR, QUANTIZED_FILE), qvars, cfg, step=step,
-                          calibrate_batches=int(calibrate_batches))
+                          calibrate_batches=int(calibrate_batches), ds_info=ds_info)
     float_bytes, int8_bytes = float_param_bytes(state.params), quantized_param_bytes(qvars)
     result = {
         "split": split, "step": int(step), "count": int8_m["count"],

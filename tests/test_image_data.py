@@ -308,6 +308,19 @@ def test_cli_predict_on_image_files_prints_class_names(folder, folder_run, capsy
         fg.predict_files(str(workdir), one, top_k=4)
 
 
+def test_quantize_a_folder_run_normalises_its_uint8_batches(folder_run):
+    """int8 PTQ of an image-set run: its float accuracy is ``evaluate``'s (same uint8 batches, normalised on the
+    device with the recorded mean/std), the int8 model stays close, and the saved file evaluates alone."""
+    from fastgpu_jax import quantize
+
+    workdir, summary = folder_run
+    result = quantize.quantize_run(str(workdir), calibrate_batches=2, split="val")
+    assert result["float_accuracy"] == fg.evaluate(str(workdir), "val")["accuracy"]
+    assert result["count"] == 18 and result["int8_accuracy"] >= result["float_accuracy"] - 0.12
+    again = quantize.evaluate_quantized(result["path"], "val")
+    assert again["accuracy"] == result["int8_accuracy"]
+
+
 def test_a_sigkilled_run_with_workers_resumes_bit_identical(folder, folder_run, tmp_path):
     """Killed (with its decoding workers) after a checkpoint, resumed with another worker count: the same
     metrics and parameters as the uninterrupted run with no workers at all (``folder_run``)."""
