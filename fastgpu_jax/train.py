@@ -112,7 +112,7 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
             for notice in _notices(cfg, mesh):
                 writer.print(notice)
             state, last_train, last_eval = _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start,
-                                                 pending)
+                                                 pending, info.split_sizes["train"])
     finally:
         train_iter.close()  # stops decoding workers, if any
         ckpt.close()  # a save in flight completes (or fails loudly) before we return or raise
@@ -122,7 +122,7 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
             t.eval_split: last_eval}
 
 
-def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, pending: list):
+def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, pending: list, epoch_size: int):
     """Steps ``start+1 .. train.steps``: train, log, evaluate, checkpoint. Returns (state, train, eval)."""
     t = cfg.train
     profile = _profile_window(t.profile_steps)
@@ -131,27 +131,29 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
     eval_fn = strategy.compile_eval(steps.eval_step)
     last_train, last_eval = {}, {}
     window_start, window_steps = time.perf_counter(), 0
-    skips = _SkipLog(writer)
+    skips = _SkipLog(writer, epoch_size, cfg.data.batch_size)
 
     def fetch():
-        """The next batch, already on its way to the devices, and the iterator state just after it."""
+        """The next batch, already on its way to the devices, the iterator state just after it, and the bad
+        examples the pipeline skipped in it."""
         batch = next(train_iter)
-        skips.add(batch.pop("skipped", ()))
-        return strategy.place_batch(batch), train_iter.get_state()
+        skipped = batch.pop("skipped", ())
+        return strategy.place_batch(batch), train_iter.get_state(), skipped
 
     with nn.default_backend(cfg.model.backend):
-        batch, data_state = fetch() if start < t.steps else (None, None)
+        batch, data_state, skipped = fetch() if start < t.steps else (None, None, ())
         for step in range(start + 1, t.steps + 1):
             tracing = profile[0] <= step <= profile[1]
             if tracing and (step == profile[0] or step == start + 1):
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
             state, metrics = train_fn(state, batch)  # dispatched asynchronously
+            skips.add(skipped, step)
             if tracing and step in (profile[1], t.steps):
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
             batch_state = data_state
             if step < t.steps:  # double buffering: the next transfer overlaps this step's compute
-                batch, data_state = fetch()
+                batch, data_state, skipped = fetch()
             pending.append(metrics)  # device arrays: no host sync until the log step
             window_steps += 1
             writer.progress(step)
@@ -280,14 +282,23 @@ def _summarise(rows: list[dict], cfg) -> dict:
 
 
 class _SkipLog:
-    """Bad examples skipped by the image pipeline (data.on_bad_example=skip): each reason printed once, counts
-    reported in the train rows of the log window."""
+    """Bad examples skipped by the image pipeline (data.on_bad_example=skip): each reason printed once, a count
+    per epoch printed when the epoch ends, and counts in the train rows of the log window (``skipped_examples``).
+    Counts are this process's rows; an epoch is the one the batch's first row belongs to."""
 
-    def __init__(self, writer):
+    def __init__(self, writer, epoch_size: int, batch_size: int):
         self.writer, self.seen, self.window = writer, set(), 0
+        self.epoch_size, self.batch_size = max(epoch_size, 1), batch_size
+        self.epoch, self.in_epoch = None, 0
 
-    def add(self, reasons) -> None:
+    def add(self, reasons, step: int) -> None:
+        epoch = (step - 1) * self.batch_size // self.epoch_size
+        if self.epoch is not None and epoch != self.epoch and self.in_epoch:
+            self.writer.print(f"epoch {self.epoch + 1}: skipped {self.in_epoch} bad example(s)")
+            self.in_epoch = 0
+        self.epoch = epoch
         self.window += len(reasons)
+        self.in_epoch += len(reasons)
         for reason in reasons:
             if reason not in self.seen:
                 self.seen.add(reason)

@@ -249,6 +249,22 @@ def test_skipped_examples_are_deterministic_substitutes_and_counted(tmp_path):
     assert evals[0]["mask"].sum() == 9 and "cut.jpg" in evals[0]["skipped"][0]
 
 
+def test_a_run_that_skips_bad_examples_counts_them_per_window_and_epoch(tmp_path, capsys):
+    root = _with_bad_files(tmp_path / "data")
+    cfg = _folder_config(root, "data.batch_size=10", "train.steps=6", "train.log_every_steps=2",
+                         "train.checkpoint_every_steps=6", "data.on_bad_example=skip")
+    fg.train(cfg, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    it = data.train_iterator("folder", batch_size=10, seed=cfg.seed, data_dir=root,
+                             image_options=_options(augment=True, on_bad_example="skip"))
+    per_step = [len(b["skipped"]) for b in _take(it, 6)]  # the pipeline itself: the reference
+    rows = [r for r in read_metrics(str(tmp_path / "run")) if r["split"] == "train"]
+    assert [r["skipped_examples"] for r in rows] == [sum(per_step[i:i + 2]) for i in (0, 2, 4)]
+    for epoch in (1, 2):  # 20 examples = 2 batches an epoch; the last epoch is reported when a next one starts
+        assert f"epoch {epoch}: skipped {sum(per_step[2 * epoch - 2:2 * epoch])} bad example(s)" in out
+    assert out.count("skipped a bad example") == 2  # each bad file named once
+
+
 # --------------------------------------------------------------------------- a run, end to end
 
 
