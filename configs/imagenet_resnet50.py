@@ -10,9 +10,10 @@ Run:
     fastgpu-jax bench --data --config configs/imagenet_resnet50.py --config.data.dir=PATH   # input pipeline speed
 Recipe (Goyal et al. 2017): SGD + Nesterov momentum 0.9, lr 0.1 x batch / 256 with 5 warmup epochs then cosine,
 weight decay 1e-4, bf16 compute, batch 1024; train: random-resized crop (8%-100% of the area, aspect 3/4-4/3) +
-flip; eval: short side 256, center 224 crop. Expected ~76% top-1 on val: NOT measured with this library (that
-needs ~1 GPU-day on 8 H100s; no such run was made here). `data.workers` decoding processes per host: one H100
-eats ~5,700 img/s, which takes ~14 cores at 400 img/s each (see `bench --data`).
+flip; eval: short side 256, center 224 crop. Expected ~76% top-1 on val (the published result of this recipe):
+NOT measured with this library; no ImageNet run was made here. `data.workers` decoding processes per host: the
+decoder measured ~410-480 img/s per core on ImageNet-sized JPEGs (BENCHMARKS.md), so a GPU that trains at N img/s
+needs about N / 400 workers; `bench --data` prints the pipeline's speed next to the train step's on your machine.
 """
 
 import ml_collections
