@@ -115,13 +115,16 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("convert", help="write an image folder, CIFAR-10 or MNIST as ArrayRecord shards + "
                                        "manifest.json (data.name='arrayrecord'); last line: one JSON object")
-    v.add_argument("--from", dest="kind", choices=("folder", "cifar10", "mnist"),
-                   help="what --input holds: an image folder (train/<class>/, val/<class>/, optional test/), "
+    v.add_argument("--from", dest="kind", choices=("folder", "hf", "cifar10", "mnist"),
+                   help="what --input holds: an image folder (train/<class>/, val/<class>/, optional test/), a "
+                        "Hugging Face image set on disk (save_to_disk folder or parquet files; needs pyarrow), "
                         "or the CIFAR-10 / MNIST files")
     v.add_argument("--input", default=None, help="folder to read")
     v.add_argument("--output", required=True, help="folder to write (must not hold a converted set already)")
     v.add_argument("--resize-short", type=int, default=None,
-                   help="folders: shrink images so the short side is this many pixels, stored as JPEG")
+                   help="folder/hf: shrink images so the short side is this many pixels, stored as JPEG")
+    v.add_argument("--image-column", default=None, help="hf: the image column (default: the Image feature)")
+    v.add_argument("--label-column", default=None, help="hf: the label column (default: the ClassLabel feature)")
     v.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 for --resize-short (default 90)")
     v.add_argument("--shard-size", type=int, default=5000, help="records per shard (default 5000)")
     v.add_argument("--overwrite", action="store_true", help="replace a converted set already in --output")
@@ -214,9 +217,10 @@ def _run(args, extra: list[str]) -> int:
             manifest = image_sources.read_manifest(args.output)
         else:
             if not args.kind or not args.input:
-                raise UsageError("convert needs --from folder|cifar10|mnist and --input DIR (or --verify)")
+                raise UsageError("convert needs --from folder|hf|cifar10|mnist and --input DIR (or --verify)")
             manifest = convert.convert(args.kind, args.input, args.output, resize_short=args.resize_short,
-                                       quality=args.quality, shard_size=args.shard_size, overwrite=args.overwrite)
+                                       quality=args.quality, shard_size=args.shard_size, overwrite=args.overwrite,
+                                       image_column=args.image_column, label_column=args.label_column)
         counts = {split: entry["count"] for split, entry in manifest["splits"].items()}
         summary = {"output": args.output, "from": manifest["source"]["from"], "counts": counts,
                    "classes": len(manifest["classes"]), "verified": bool(args.verify)}

@@ -262,3 +262,94 @@ def test_cli_convert_and_verify(folder, tmp_path, capsys):
     assert cli.main(["convert", "--from", "folder", "--input", str(folder), "--output", str(out)]) == 2
     assert "already holds a data set" in capsys.readouterr().err
     assert cli.main(["convert", "--output", str(out)]) == 2  # neither --from/--input nor --verify
+
+
+# --------------------------------------------------------------------------- Hugging Face sets on disk
+
+
+HF_CLASSES = ["cat", "dog", "fox"]
+
+
+def _hf_table(pa, n: int, seed: int, labels=None):
+    """A table as ``datasets`` writes it: an Image feature (struct of bytes + path) and a ClassLabel."""
+    from image_folders import COLOURS, draw, encode
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n) if labels is None else np.asarray(labels)
+    blobs = [encode(draw(rng, list(COLOURS.values())[int(k) % 3], (20 + i % 7, 16)), ("jpg", "png")[i % 2])
+             for i, k in enumerate(labels)]
+    features = {"image": {"_type": "Image"}, "label": {"names": HF_CLASSES, "_type": "ClassLabel"}}
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([{"bytes": b, "path": None} for b in blobs], image_type),
+                      "label": pa.array(labels, pa.int64())})
+    return table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}), blobs
+
+
+def _check_hf_output(out, expect: dict):
+    for split, (blobs, labels) in expect.items():
+        ar = image_sources.ArrayRecordSplit(out, split)
+        assert len(ar) == len(blobs) and list(ar.classes) == HF_CLASSES
+        for i, (blob, label) in enumerate(zip(blobs, labels)):
+            assert ar[i] == (blob, int(label), f"{split}/{i:08d}")
+
+
+def test_hf_parquet_files_convert_with_their_class_names(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "hub" / "data"
+    src.mkdir(parents=True)
+    expect = {"train": ([], []), "val": ([], [])}
+    for name, split, n, seed in (("train-00000-of-00002", "train", 7, 0), ("train-00001-of-00002", "train", 6, 1),
+                                 ("validation-00000-of-00001", "val", 5, 2)):
+        table, blobs = _hf_table(pa, n, seed)
+        pq.write_table(table, src / f"{name}.parquet", row_group_size=3)  # several row groups a file
+        expect[split][0].extend(blobs)
+        expect[split][1].extend(table.column("label").to_pylist())
+    table, _ = _hf_table(pa, 4, 3, labels=[-1] * 4)  # an unlabelled test split, as on the Hub
+    pq.write_table(table, src / "test-00000-of-00001.parquet")
+    with pytest.warns(UserWarning, match="the test split has no labels"):
+        manifest = convert("hf", tmp_path / "hub", tmp_path / "ar", shard_size=4, progress=False, workers=2)
+    assert manifest["classes"] == HF_CLASSES and {s: e["count"] for s, e in manifest["splits"].items()} == \
+        {"train": 13, "val": 5}
+    check_manifest_files(tmp_path / "ar", manifest)
+    _check_hf_output(tmp_path / "ar", expect)
+
+
+def test_hf_save_to_disk_folders_convert(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.ipc
+
+    expect = {}
+    for folder, split, n in (("train", "train", 9), ("test", "test", 4)):
+        table, blobs = _hf_table(pa, n, n)
+        d = tmp_path / "saved" / folder
+        d.mkdir(parents=True)
+        features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+        table = table.replace_schema_metadata(None)  # the classes must then come from dataset_info.json
+        (d / "dataset_info.json").write_text(json.dumps({"features": features}))
+        with pa.ipc.new_stream(str(d / "data-00000-of-00001.arrow"), table.schema) as writer:
+            writer.write_table(table, max_chunksize=4)
+        expect[split] = (blobs, table.column("label").to_pylist())
+    (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    manifest = convert("hf", tmp_path / "saved", tmp_path / "ar", progress=False)
+    assert {s: e["count"] for s, e in manifest["splits"].items()} == {"train": 9, "test": 4}
+    _check_hf_output(tmp_path / "ar", expect)
+
+
+def test_hf_sets_without_an_image_column_or_a_train_split_are_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a").mkdir()
+    pq.write_table(pa.table({"text": ["x"], "label": [0]}), tmp_path / "a" / "train-0.parquet")
+    with pytest.raises(ValueError, match=r"train-0.parquet: no image column .*\['text', 'label'\].*--image-column"):
+        convert("hf", tmp_path / "a", tmp_path / "out", progress=False)
+    (tmp_path / "b").mkdir()
+    table, _ = _hf_table(pa, 2, 0)
+    pq.write_table(table, tmp_path / "b" / "test-0.parquet")
+    with pytest.raises(ValueError, match="holds no train split"):
+        convert("hf", tmp_path / "b", tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="label column 'fine' not found"):
+        convert("hf", tmp_path / "b", tmp_path / "out", progress=False, label_column="fine")
+    assert not (tmp_path / "out").exists()  # nothing written

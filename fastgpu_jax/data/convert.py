@@ -1,4 +1,5 @@
-"""``fastgpu-jax convert``: an image folder, CIFAR-10 or MNIST as ArrayRecord shards plus a manifest.
+"""``fastgpu-jax convert``: an image folder, a Hugging Face image set on disk, CIFAR-10 or MNIST as ArrayRecord
+shards plus a manifest.
 
 The output is what :class:`fastgpu_jax.data.image_sources.ArrayRecordSplit` reads (``data.name='arrayrecord'``):
 
@@ -12,7 +13,9 @@ The output is what :class:`fastgpu_jax.data.image_sources.ArrayRecordSplit` read
 Folders: every split among train/val/test that exists (splits without images are left out; train must have
 some). Without ``resize_short`` each file's bytes are stored verbatim, so the converted set decodes to exactly the
 folder's pixels; every image is still decoded once (at reduced size for JPEGs) so that a file the trainer could not
-read stops the conversion here rather than mid-training. CIFAR-10 and MNIST arrays are stored as lossless PNGs
+read stops the conversion here rather than mid-training. Hugging Face sets (``hf``: ``save_to_disk`` folders or
+parquet files, see :mod:`.hf_source`) are handled like folders: the encoded bytes of each image cell are stored.
+CIFAR-10 and MNIST arrays are stored as lossless PNGs
 (MNIST as 8-bit grayscale; readers convert to RGB).
 """
 
@@ -29,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import image_sources, images, sources
+from . import hf_source, image_sources, images, sources
 
-KINDS = ("folder", "cifar10", "mnist")
+KINDS = ("folder", "hf", "cifar10", "mnist")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 SPLITS = ("train", "val", "test")
@@ -47,8 +50,8 @@ def _check_arguments(kind, input_dir, output_dir, resize_short, quality, shard_s
     if kind not in KINDS:
         raise ValueError(f"convert: unknown source kind {kind!r}; expected one of {', '.join(KINDS)}")
     if resize_short is not None:
-        if kind != "folder":
-            raise ValueError(f"convert: resize_short applies to image folders only (got kind {kind!r})")
+        if kind not in ("folder", "hf"):
+            raise ValueError(f"convert: resize_short applies to image folders and hf sets only (got kind {kind!r})")
         if isinstance(resize_short, bool) or not isinstance(resize_short, int) or resize_short <= 0:
             raise ValueError(f"convert: resize_short must be a positive integer number of pixels "
                              f"(got {resize_short!r})")
@@ -60,7 +63,8 @@ def _check_arguments(kind, input_dir, output_dir, resize_short, quality, shard_s
         raise ValueError("convert: an input folder is required")
     src = Path(os.path.expanduser(str(input_dir)))
     if not src.is_dir():
-        what = "an image folder with train/<class>/ subfolders" if kind == "folder" else f"the {kind} files"
+        what = {"folder": "an image folder with train/<class>/ subfolders",
+                "hf": "a Hugging Face save_to_disk folder or parquet files"}.get(kind, f"the {kind} files")
         raise FileNotFoundError(f"convert: input {str(src)!r} is not a directory; expected {what}")
     if output_dir is None or str(output_dir) == "":
         raise ValueError("convert: an output folder is required")
@@ -223,16 +227,18 @@ def _write_split(out: Path, split: str, count: int, items, shard_size: int, prog
 
 def convert(kind: str, input_dir, output_dir, *, resize_short: int | None = None, quality: int = 90,
             shard_size: int = 5000, progress: bool = True, overwrite: bool = False,
-            workers: int | None = None) -> dict:
+            workers: int | None = None, image_column: str | None = None, label_column: str | None = None) -> dict:
     """Writes ``input_dir`` (an image folder, or the CIFAR-10 / MNIST files) to ``output_dir`` as ArrayRecord
     shards and ``manifest.json``; returns the manifest.
 
     ``kind``: 'folder' (``train/<class>/...``, ``val/<class>/...``, optional ``test/<class>/...``; record names
     are the file paths relative to ``input_dir``), 'cifar10' or 'mnist' (the train/val/test splits of
     :func:`fastgpu_jax.data.sources.split_arrays`, val being the last 5,000 train examples; each image a PNG
-    named ``<split>/<index:06d>.png``).
+    named ``<split>/<index:06d>.png``), or 'hf' (a Hugging Face image set on disk, :mod:`.hf_source`; records
+    named ``<split>/<index:08d>``; ``image_column``/``label_column`` name the columns when they cannot be told
+    from the features).
 
-    ``resize_short`` (folders only): images whose short side is longer are resized (Pillow's LANCZOS filter,
+    ``resize_short`` (folders and hf sets): images whose short side is longer are resized (Pillow's LANCZOS filter,
     aspect ratio kept) so that it is ``resize_short`` pixels, and stored as JPEG at ``quality``; smaller images
     are not enlarged (a JPEG among them is kept as is, anything else is re-encoded as JPEG). Without it, files
     are copied byte for byte.
@@ -252,7 +258,7 @@ def convert(kind: str, input_dir, output_dir, *, resize_short: int | None = None
     """
     src, out = _check_arguments(kind, input_dir, output_dir, resize_short, quality, shard_size, overwrite)
     workers = min(16, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    plan = _plan(kind, src, resize_short, quality, workers)  # reads/validates the input before writing anything
+    plan = _plan(kind, src, resize_short, quality, workers, (image_column, label_column))  # reads/validates the input before writing anything
     if overwrite:
         _remove_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,10 +292,18 @@ def convert(kind: str, input_dir, output_dir, *, resize_short: int | None = None
     return manifest
 
 
-def _plan(kind: str, src: Path, resize_short, quality: int, workers: int) -> dict:
+def _plan(kind: str, src: Path, resize_short, quality: int, workers: int, columns=(None, None)) -> dict:
     """{"classes": ..., "splits": {split: (count, () -> iterator of (label, name, bytes, sums or None))}}."""
     plan = {}
-    if kind == "folder":
+    if kind == "hf":
+        found = hf_source.hf_splits(src, image_column=columns[0], label_column=columns[1])
+        classes = found["train"].classes
+        for split in (s for s in SPLITS if s in found and len(found[s])):
+            hs = found[split]
+            stats_at = _stats_indices(len(hs)) if split == "train" else set()
+            item = _folder_item(hs, resize_short, quality, stats_at)
+            plan[split] = (len(hs), lambda item=item, n=len(hs): _ordered(item, n, workers))
+    elif kind == "folder":
         classes = image_sources.folder_classes(src)
         for split in SPLITS:
             if not (src / split).is_dir():
