@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="override data.dir (data moved since training)")
 
     r = sub.add_parser("predict", help="classify a .npy array of raw pixels (the data set's scale), or image "
-                                       "files/folders (runs trained on folder/arrayrecord data; prints class names)")
+                                       "files/folders (runs trained on folder/arrayrecord/tfds data: class names)")
     r.add_argument("--workdir", required=True)
     r.add_argument("--input", required=True, nargs="+",
                    help="ONE .npy array (N, H, W, C) or (N, H, W); or image files and folders (.jpg .png ...)")

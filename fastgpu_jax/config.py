@@ -104,13 +104,14 @@ SCHEMA: dict[str, Key] = {
                                          "folder: train/<class>/ + val/<class>/; arrayrecord: convert's output)"),
     "data.batch_size": Key(128, _INT, check=_positive, rule="> 0", help="global batch size"),
     "data.eval_batch_size": Key(256, _INT, check=_positive, rule="> 0"),
-    "data.augment": Key(False, _BOOL, help="cifar10/cifar100: 4-pixel random crop + flip; folder/arrayrecord: "
+    "data.augment": Key(False, _BOOL, help="cifar10/cifar100: 4-pixel random crop + flip; folder/arrayrecord/tfds: "
                                            "random-resized crop + flip (off: the eval crop)"),
     "data.image_size": Key(32, _INT, check=_positive, rule="> 0",
-                           help="synthetic: image side; folder/arrayrecord: side of the crops the model sees"),
+                           help="synthetic: image side; folder/arrayrecord/tfds: side of the crops the model sees"),
     "data.workers": Key(0, _INT, check=_non_negative, rule=">= 0",
-                        help="folder/arrayrecord: decoding processes (0: one thread of the train process)"),
-    "data.prefetch": Key(2, _INT, check=_positive, rule="> 0", help="folder/arrayrecord: batches ready per worker"),
+                        help="folder/arrayrecord/tfds: decoding processes (0: one thread of the train process)"),
+    "data.prefetch": Key(2, _INT, check=_positive, rule="> 0",
+                         help="folder/arrayrecord/tfds: batches ready per worker"),
     "data.crop_min_scale": Key(0.08, _FLOAT, check=lambda v: 0 < v <= 1, rule="in (0, 1]",
                                help="random-resized crop: smallest area fraction of the image"),
     "data.crop_max_aspect": Key(4 / 3, _FLOAT, check=lambda v: v >= 1, rule=">= 1",

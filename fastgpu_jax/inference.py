@@ -180,7 +180,7 @@ def predict_files(workdir: str, inputs, *, top_k: int = 1, batch_size: int | Non
     cfg = predict_fn.config
     if cfg.data.name not in data.IMAGE_DATASETS:
         raise ValueError(f"{workdir} was trained on data.name={cfg.data.name!r}: predict on image files needs a run "
-                         "trained on folder or arrayrecord data (pass a .npy array of raw pixels instead)")
+                         "trained on folder, arrayrecord or tfds data (pass a .npy array of raw pixels instead)")
     if isinstance(top_k, bool) or int(top_k) != top_k or not 1 <= top_k <= info["num_classes"]:
         raise ValueError(f"top_k must be an integer in 1..{info['num_classes']}, got {top_k!r}")
     opts = loader_kwargs(cfg)["image_options"]

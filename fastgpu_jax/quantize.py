@@ -32,7 +32,8 @@ File (``quantize_run`` writes ``WORKDIR/quantized/params.msgpack``; ``save_quant
 one ``flax.serialization.msgpack_serialize`` of the dict above plus ``"format"`` (``fastgpu_jax.quantized/1``),
 ``"config"`` (the run's flat config as a JSON string, so the file rebuilds its model alone), ``"step"`` and
 ``"calibrate_batches"`` and ``"dataset"`` (the data set facts: class names, and the mean/std that normalise the
-uint8 batches of the image data sets on the device, as in training). ``quantize_run`` also writes ``quantized/metrics.json`` (the returned dict).
+uint8 batches of the image data sets on the device, as in training). ``quantize_run`` also writes
+``quantized/metrics.json`` (the returned dict).
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_bench_data_times_the_configs_own_pipeline_per_worker_count(tmp_path, ca
                for r in result["rows"])
     table = capsys.readouterr().out
     assert "images/s" in table and "folder" in table
-    with pytest.raises(ValueError, match="data.name must be one of folder, arrayrecord, got 'digits'"):
+    with pytest.raises(ValueError, match="data.name must be one of folder, arrayrecord, tfds, got 'digits'"):
         bench_data.run_data_benchmark(fg.load_config(DIGITS), step=False)
     assert cli.main(["bench", "--kernels", "--data"]) == 2
     assert "give --config FILE" in capsys.readouterr().err

@@ -365,3 +365,51 @@ def test_a_sigkilled_run_with_workers_resumes_bit_identical(folder, folder_run, 
     _, b, _ = fg.restore_state(str(ref))
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --------------------------------------------------------------------------- TFDS array_record sets
+
+
+def test_a_tfds_array_record_set_reads_like_the_folder_it_came_from(folder, tmp_path):
+    """A folder written as a prepared TFDS set (Examples from protobuf's own encoder) gives the same examples,
+    and the same eval batches, as the folder."""
+    from fastgpu_jax.data import tfds_source
+    from tfds_files import write_tfds
+
+    splits = {theirs: [image_sources.folder_split(folder, ours)[i][:2]
+                       for i in range(len(image_sources.folder_split(folder, ours)))]
+              for ours, theirs in (("train", "train"), ("val", "validation"))}
+    root = write_tfds(tmp_path / "colours" / "1.0.0", "colours", splits, ["blue", "green", "red"], shards=3)
+    assert image_sources.split_sizes("tfds", root) == {"train": 60, "val": 18}
+    assert image_sources.classes_and_stats("tfds", root)[0] == ("blue", "green", "red")
+    ts = tfds_source.TFDSSplit(root, "val")
+    order = [i for k in range(3) for i in range(k, 18, 3)]  # write_tfds deals examples round-robin into shards
+    for j, i in enumerate(order):
+        assert ts[j][:2] == splits["validation"][i]
+    opts = _options()
+    got = list(data.eval_batches("tfds", "val", batch_size=18, data_dir=root, image_options=opts))[0]
+    want = list(data.eval_batches("folder", "val", batch_size=18, data_dir=folder, image_options=opts))[0]
+    np.testing.assert_array_equal(got["image"], want["image"][order])
+    np.testing.assert_array_equal(got["label"], want["label"][order])
+    it = data.train_iterator("tfds", batch_size=12, seed=0, data_dir=root, image_options=opts, workers=2)
+    labels = np.concatenate([b["label"] for b in _take(it, 5)])  # one epoch: every example once
+    np.testing.assert_array_equal(np.bincount(labels), [20, 20, 20])
+
+
+def test_tfds_sets_in_other_formats_or_incomplete_are_refused(folder, tmp_path):
+    from fastgpu_jax.data import tfds_source
+    from tfds_files import write_tfds
+
+    raw = image_sources.folder_split(folder, "val")[0][:2]
+    root = write_tfds(tmp_path / "v", "colours", {"train": [raw] * 4}, ["blue", "green", "red"])
+    with pytest.raises(FileNotFoundError, match="has no 'test' split"):
+        tfds_source.TFDSSplit(root, "test")
+    os.remove(root / "colours-train.array_record-00001-of-00002")
+    with pytest.raises(FileNotFoundError, match=r"colours-train.array_record-00001-of-00002' is missing"):
+        tfds_source.TFDSSplit(root, "train")
+    info = json.loads((root / "dataset_info.json").read_text())
+    (root / "dataset_info.json").write_text(json.dumps({**info, "fileFormat": "tfrecord"}))
+    with pytest.raises(ValueError, match="prepared as 'tfrecord'.*array_record"):
+        image_sources.classes_and_stats("tfds", root)
+    with pytest.raises(FileNotFoundError, match="dataset_info.json' not found"):
+        image_sources.split_sizes("tfds", tmp_path)

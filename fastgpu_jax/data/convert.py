@@ -258,7 +258,8 @@ def convert(kind: str, input_dir, output_dir, *, resize_short: int | None = None
     """
     src, out = _check_arguments(kind, input_dir, output_dir, resize_short, quality, shard_size, overwrite)
     workers = min(16, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    plan = _plan(kind, src, resize_short, quality, workers, (image_column, label_column))  # reads/validates the input before writing anything
+    # reads and checks the input before writing anything
+    plan = _plan(kind, src, resize_short, quality, workers, (image_column, label_column))
     if overwrite:
         _remove_outputs(out)
     out.mkdir(parents=True, exist_ok=True)

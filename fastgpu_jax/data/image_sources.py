@@ -251,20 +251,33 @@ def file_sha256(path) -> str:
 
 
 def open_split(name: str, data_dir, split: str):
-    """``FolderSplit`` or ``ArrayRecordSplit`` for data set ``name`` ('folder' or 'arrayrecord')."""
+    """``FolderSplit``, ``ArrayRecordSplit`` or ``TFDSSplit`` for data set ``name`` ('folder', 'arrayrecord' or
+    'tfds')."""
+    if name == "tfds":
+        from . import tfds_source
+
+        return tfds_source.TFDSSplit(data_dir, split)
     return folder_split(data_dir, split) if name == "folder" else ArrayRecordSplit(data_dir, split)
 
 
 def classes_and_stats(name: str, data_dir) -> tuple[tuple, tuple, tuple]:
-    """(classes, mean, std): ImageNet statistics for a folder, the manifest's for a converted set."""
+    """(classes, mean, std): ImageNet statistics for a folder or a TFDS set, the manifest's for a converted set."""
     if name == "folder":
         return folder_classes(data_dir), IMAGENET_MEAN, IMAGENET_STD
+    if name == "tfds":
+        from . import tfds_source
+
+        return tfds_source.classes(data_dir), IMAGENET_MEAN, IMAGENET_STD
     m = read_manifest(data_dir)
     return tuple(m["classes"]), tuple(m["mean"]), tuple(m["std"])
 
 
 def split_sizes(name: str, data_dir) -> dict:
     """{split: examples} of the splits present (train always)."""
+    if name == "tfds":
+        from . import tfds_source
+
+        return tfds_source.split_sizes(data_dir)
     if name == "folder":
         root = folder_root(data_dir)
         return {s: len(folder_split(data_dir, s)) for s in ("train", "val", "test") if (root / s).is_dir()}

@@ -101,10 +101,12 @@ DATASETS = {
                           options=_IMAGE_OPTIONS),
     "arrayrecord": DatasetSpec(None, None, files="a data set written by `fastgpu-jax convert` (manifest.json + "
                                                  "ArrayRecord shards)", options=_IMAGE_OPTIONS),
+    "tfds": DatasetSpec(None, None, files="a TFDS data set prepared as array_record (dataset_info.json + shards)",
+                        options=_IMAGE_OPTIONS),
 }
 DATASET_NAMES = tuple(DATASETS)
 # Data sets of encoded image files: streamed, decoded on the host, sent to the device as uint8.
-IMAGE_DATASETS = ("folder", "arrayrecord")
+IMAGE_DATASETS = ("folder", "arrayrecord", "tfds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,7 @@ class DatasetInfo:
     split_sizes: dict  # {"train": n, "val": n, "test": n}
     mean: tuple
     std: tuple
-    classes: tuple = ()  # class names by label, where the data set has them (folder, arrayrecord)
+    classes: tuple = ()  # class names by label, where the data set has them (folder, arrayrecord, tfds)
 
 
 # --------------------------------------------------------------------------- helpers
