@@ -2,7 +2,7 @@
 
 For each worker count it times the config's own train pipeline (same data set, transforms and batch size as
 training: decode, crop, resize, flip, uint8 batches) after a warm-up batch (worker start-up is excluded and
-printed apart), and prints decoded images/s, images/s per decoding core, and, next to it, the images/s that the
+printed apart) and after the batches the workers prefetched meanwhile (so the table shows the steady rate), and prints decoded images/s, images/s per decoding core, and, next to it, the images/s that the
 config's train step consumes on this device (the model benchmark's step time for the same batch). A pipeline
 slower than the step starves the device: raise ``data.workers`` (or convert to ArrayRecord with a smaller
 ``--resize-short``).
@@ -50,6 +50,8 @@ def time_pipeline(cfg, workers: int, batches: int) -> PipelineRow:
     try:
         next(it)  # worker start-up and the first batch
         startup = time.perf_counter() - start
+        for _ in range(workers * d.prefetch):  # batches the workers made ahead while we waited: not timed
+            next(it)
         start = time.perf_counter()
         for _ in range(batches):
             next(it)

@@ -171,7 +171,7 @@ def image_files(inputs) -> list[str]:
 def predict_files(workdir: str, inputs, *, top_k: int = 1, batch_size: int | None = None) -> list[dict]:
     """Classifies image files with the run's eval transform (resize the short side, center crop: exactly what
     its eval split saw). One dict per file: ``{"file", "top": [[class name, probability], ...]}`` (``top_k``
-    best first). For runs trained on an image data set (``folder``/``arrayrecord``), whose class names were
+    best first). For runs trained on an image data set (``folder``/``arrayrecord``/``tfds``), whose class names were
     recorded at training; a run on arrays takes arrays (``fg.predict``)."""
     from fastgpu_jax.builders import loader_kwargs
     from fastgpu_jax.data import images as image_lib
@@ -181,17 +181,19 @@ def predict_files(workdir: str, inputs, *, top_k: int = 1, batch_size: int | Non
     if cfg.data.name not in data.IMAGE_DATASETS:
         raise ValueError(f"{workdir} was trained on data.name={cfg.data.name!r}: predict on image files needs a run "
                          "trained on folder, arrayrecord or tfds data (pass a .npy array of raw pixels instead)")
-    if isinstance(top_k, bool) or int(top_k) != top_k or not 1 <= top_k <= info["num_classes"]:
-        raise ValueError(f"top_k must be an integer in 1..{info['num_classes']}, got {top_k!r}")
+    names = info["classes"] or [str(i) for i in range(info["num_classes"])]
+    names = names[:info["num_classes"]]
+    if isinstance(top_k, bool) or int(top_k) != top_k or not 1 <= top_k <= len(names):
+        raise ValueError(f"top_k must be an integer in 1..{len(names)} (the data set's classes), got {top_k!r}")
     opts = loader_kwargs(cfg)["image_options"]
     files = image_files(inputs)
-    names = info["classes"] or [str(i) for i in range(info["num_classes"])]
     rows, chunk = [], info["batch_size"]  # decode one batch at a time: a large folder never sits in memory
     for start in range(0, len(files), chunk):
         part = files[start:start + chunk]
         pixels = np.stack([image_lib.eval_transform(open(f, "rb").read(), f, size=opts.size, crop=opts.eval_crop)
                            for f in part])
-        probs = np.asarray(jax.nn.softmax(predict_fn(pixels), axis=-1))
+        # the model's probabilities; outputs beyond the data set's classes (model.num_classes larger) never win
+        probs = np.asarray(jax.nn.softmax(predict_fn(pixels), axis=-1))[:, :len(names)]
         for f, p in zip(part, probs):
             best = np.argsort(-p, kind="stable")[:top_k]
             rows.append({"file": f, "top": [[names[i], float(p[i])] for i in best]})

@@ -81,7 +81,7 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
     writer = None
     try:
         if ckpt.steps():
-            _check_resumable(cfg, workdir, allow_config_change)
+            _check_resumable(cfg, workdir, allow_config_change, info)
         restored = ckpt.restore_latest(with_shardings(abstract, shardings), set_aside_corrupt=True)
         start, pending = 0, []
         if restored is not None:
@@ -114,10 +114,14 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
             state, last_train, last_eval = _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start,
                                                  pending, info.split_sizes["train"])
     finally:
-        train_iter.close()  # stops decoding workers, if any
-        ckpt.close()  # a save in flight completes (or fails loudly) before we return or raise
-        if writer is not None:
-            writer.close()
+        try:
+            train_iter.close()  # stops decoding workers, if any
+        finally:
+            try:
+                ckpt.close()  # a save in flight completes (or fails loudly) before we return or raise
+            finally:
+                if writer is not None:
+                    writer.close()
     return {"step": int(jax.device_get(strategy.host_state(state).step)), "workdir": workdir, "train": last_train,
             t.eval_split: last_eval}
 
@@ -181,6 +185,7 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
                 _refuse_nonfinite_state(state, step, ckpt)
                 # A copy: the save is asynchronous and the loop goes on appending to `pending`.
                 ckpt.save(step, strategy.host_state(state), batch_state, {"pending": list(pending)})
+    skips.finish(t.steps)
     return state, last_train, last_eval
 
 
@@ -283,8 +288,9 @@ def _summarise(rows: list[dict], cfg) -> dict:
 
 class _SkipLog:
     """Bad examples skipped by the image pipeline (data.on_bad_example=skip): each reason printed once, a count
-    per epoch printed when the epoch ends, and counts in the train rows of the log window (``skipped_examples``).
-    Counts are this process's rows; an epoch is the one the batch's first row belongs to."""
+    per epoch printed when the epoch ends (and for the last, unfinished one when the run ends), and counts in the
+    train rows of the log window (``skipped_examples``). Counts are this process's rows since the run (or the
+    resume) started; an epoch is the one the batch's first row belongs to."""
 
     def __init__(self, writer, epoch_size: int, batch_size: int):
         self.writer, self.seen, self.window = writer, set(), 0
@@ -304,6 +310,10 @@ class _SkipLog:
                 self.seen.add(reason)
                 self.writer.print(f"skipped a bad example (data.on_bad_example=skip): {reason}")
 
+    def finish(self, step: int) -> None:
+        if self.in_epoch:
+            self.writer.print(f"epoch {self.epoch + 1} (to step {step}): skipped {self.in_epoch} bad example(s)")
+
     def take_window(self) -> int:
         count, self.window = self.window, 0
         return count
@@ -319,18 +329,37 @@ def _evaluate(eval_fn, state, strategy, cfg, split: str) -> dict:
     return out
 
 
-def _check_resumable(cfg, workdir: str, allow: bool) -> None:
+def _check_resumable(cfg, workdir: str, allow: bool, ds_info) -> None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = json.load(f)["config"]
+        recorded = json.load(f)
+    old = recorded["config"]
+    _check_same_data(recorded.get("dataset"), ds_info, workdir, allow)
     changed = config_lib.changed_keys(old, config_lib.to_flat_dict(cfg))
     if changed and not allow:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config_lib.to_flat_dict(cfg).get(k)!r}" for k in changed)
         raise config_lib.ConfigError(
             f"{workdir} holds a run with a different config ({diffs}); resuming would silently change it. "
             f"Use a new workdir, or pass --allow-config-change to resume anyway")
+
+
+def _check_same_data(recorded: dict | None, ds_info, workdir: str, allow: bool) -> None:
+    """An image data set edited since the run began (class folders added, a set re-converted, images added or
+    removed) would silently shift labels, normalisation or the order of every later batch: refuse to resume."""
+    if not recorded or allow or ds_info.name not in data.IMAGE_DATASETS:
+        return
+    now = data.info_to_json(ds_info)
+    changed = [k for k in ("classes", "mean", "std") if k in recorded and list(recorded[k]) != list(now[k])]
+    train_then, train_now = recorded.get("split_sizes", {}).get("train"), ds_info.split_sizes.get("train")
+    if train_then is not None and train_then != train_now:
+        changed.append(f"train examples {train_then} -> {train_now}")
+    if changed:
+        raise config_lib.ConfigError(
+            f"{workdir} was trained on different data than data.dir holds now ({', '.join(changed)}); resuming "
+            "would silently change labels, normalisation or the batch order. Restore the data, use a new workdir, "
+            "or pass --allow-config-change to resume anyway")
 
 
 def _versions() -> dict:

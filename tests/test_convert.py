@@ -353,3 +353,17 @@ def test_hf_sets_without_an_image_column_or_a_train_split_are_refused(tmp_path):
     with pytest.raises(ValueError, match="label column 'fine' not found"):
         convert("hf", tmp_path / "b", tmp_path / "out", progress=False, label_column="fine")
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_hf_sets_whose_train_split_has_no_labels_are_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table, _ = _hf_table(pa, 3, 0, labels=[-1] * 3)
+    pq.write_table(table, tmp_path / "train-0.parquet")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="the train split has no labelled examples"):
+        convert("hf", tmp_path, tmp_path / "out", progress=False)
+    text = pa.table({"image": table.column("image"), "label": ["cat", "dog", "fox"]})
+    pq.write_table(text, tmp_path / "train-0.parquet")
+    with pytest.raises(ValueError, match="label column 'label' does not hold integers"):
+        convert("hf", tmp_path, tmp_path / "out", progress=False)

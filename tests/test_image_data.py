@@ -65,12 +65,16 @@ def test_reduced_dct_decoding_is_close_to_the_full_decode():
     assert np.abs(got.astype(int) - full).mean() < 4
 
 
-def test_simplejpeg_and_pillow_give_the_same_pixels(monkeypatch):
-    raw = _jpeg(300, 200, seed=2)
+@pytest.mark.parametrize("w, h", [(300, 200), (301, 201), (250, 97)])  # odd sizes: the scales' rounding
+def test_simplejpeg_and_pillow_give_the_same_pixels(monkeypatch, w, h):
+    raw = _jpeg(w, h, seed=2)
     rng = lambda: np.random.default_rng(5)  # noqa: E731
-    fast = [images.train_transform(raw, "x.jpg", rng(), size=s) for s in (24, 64, 150)]
+    sizes = (12, 24, 50, 64, 150)
+    fast = [images.train_transform(raw, "x.jpg", rng(), size=s) for s in sizes]
+    fast += [images.eval_transform(raw, "x.jpg", size=s) for s in sizes]
     monkeypatch.setattr(images, "_simplejpeg", None)
-    slow = [images.train_transform(raw, "x.jpg", rng(), size=s) for s in (24, 64, 150)]
+    slow = [images.train_transform(raw, "x.jpg", rng(), size=s) for s in sizes]
+    slow += [images.eval_transform(raw, "x.jpg", size=s) for s in sizes]
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
 
@@ -250,9 +254,11 @@ def test_skipped_examples_are_deterministic_substitutes_and_counted(tmp_path):
 
 
 def test_a_run_that_skips_bad_examples_counts_them_per_window_and_epoch(tmp_path, capsys):
+    """Also: a model with more outputs than classes predicts class names only, and the run refuses to resume
+    on a data set that changed since."""
     root = _with_bad_files(tmp_path / "data")
     cfg = _folder_config(root, "data.batch_size=10", "train.steps=6", "train.log_every_steps=2",
-                         "train.checkpoint_every_steps=6", "data.on_bad_example=skip")
+                         "train.checkpoint_every_steps=6", "data.on_bad_example=skip", "model.num_classes=5")
     fg.train(cfg, str(tmp_path / "run"))
     out = capsys.readouterr().out
     it = data.train_iterator("folder", batch_size=10, seed=cfg.seed, data_dir=root,
@@ -262,7 +268,17 @@ def test_a_run_that_skips_bad_examples_counts_them_per_window_and_epoch(tmp_path
     assert [r["skipped_examples"] for r in rows] == [sum(per_step[i:i + 2]) for i in (0, 2, 4)]
     for epoch in (1, 2):  # 20 examples = 2 batches an epoch; the last epoch is reported when a next one starts
         assert f"epoch {epoch}: skipped {sum(per_step[2 * epoch - 2:2 * epoch])} bad example(s)" in out
+    if sum(per_step[4:]):
+        assert f"epoch 3 (to step 6): skipped {sum(per_step[4:])} bad example(s)" in out
     assert out.count("skipped a bad example") == 2  # each bad file named once
+
+    rows = fg.predict_files(str(tmp_path / "run"), str(root / "val" / "red"), top_k=3)
+    assert all(sorted(c for c, _ in r["top"]) == ["blue", "green", "red"] for r in rows)  # outputs 3, 4: no class
+    with pytest.raises(ValueError, match=r"top_k must be an integer in 1..3 \(the data set's classes\)"):
+        fg.predict_files(str(tmp_path / "run"), str(root / "val" / "red"), top_k=4)
+    shutil.copytree(root / "train" / "red", root / "train" / "yellow")  # 7 files (one bad): labels would shift
+    with pytest.raises(fg.config.ConfigError, match=r"different data .*classes.*train examples 20 -> 27"):
+        fg.train(cfg, str(tmp_path / "run"))
 
 
 # --------------------------------------------------------------------------- a run, end to end
@@ -413,3 +429,36 @@ def test_tfds_sets_in_other_formats_or_incomplete_are_refused(folder, tmp_path):
         image_sources.classes_and_stats("tfds", root)
     with pytest.raises(FileNotFoundError, match="dataset_info.json' not found"):
         image_sources.split_sizes("tfds", tmp_path)
+
+
+def test_tfds_example_parsing_matches_protobuf_and_names_corrupt_records():
+    """Negative and unpacked int64s, several values, float features skipped; a corrupt record is a ValueError."""
+    from fastgpu_jax.data import tfds_source
+    from tfds_files import example_class
+
+    Example = example_class()
+    ex = Example()
+    ex.features.feature["image"].bytes_list.value.extend([b"\x00\xffabc", b""])
+    ex.features.feature["label"].int64_list.value.extend([-1, 2**63 - 1, -2**63, 7])
+    ex.features.feature["score"].float_list.value.append(0.25)
+    raw = ex.SerializeToString()
+    assert tfds_source.parse_example(raw) == {"image": [b"\x00\xffabc", b""], "label": [-1, 2**63 - 1, -2**63, 7]}
+    # the same int64s unpacked (proto2 writers): field 1, varint wire type, one by one
+    unpacked = b"".join(b"\x08" + tfds_source_varint(v % 2**64) for v in (-1, 5))
+    feature = b"\x1a" + tfds_source_varint(len(unpacked)) + unpacked  # Feature.int64_list = 3
+    entry = b"\x0a\x05label" + b"\x12" + tfds_source_varint(len(feature)) + feature
+    features = b"\x0a" + tfds_source_varint(len(entry)) + entry
+    record = b"\x0a" + tfds_source_varint(len(features)) + features
+    assert tfds_source.parse_example(record) == {"label": [-1, 5]}
+    for bad in (raw[:-3], b"\x08\x01", b"\x0a\x05\x08"):  # truncated; a varint where a message goes; short
+        with pytest.raises(ValueError):
+            tfds_source.parse_example(bad)
+
+
+def tfds_source_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)

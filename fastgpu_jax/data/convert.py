@@ -265,9 +265,14 @@ def convert(kind: str, input_dir, output_dir, *, resize_short: int | None = None
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     splits = {}
+    tmp = out / f".{image_sources.MANIFEST}.tmp"
     try:
         for split, (count, make_items) in plan["splits"].items():
-            splits[split] = _write_split(out, split, count, make_items(), shard_size, progress, written)
+            items = make_items()
+            try:
+                splits[split] = _write_split(out, split, count, items, shard_size, progress, written)
+            finally:
+                getattr(items, "close", lambda: None)()  # a failure stops the reading threads now
         mean, std = _mean_std(splits["train"].pop("_sums"))
         for entry in splits.values():
             entry.pop("_sums", None)
@@ -280,11 +285,10 @@ def convert(kind: str, input_dir, output_dir, *, resize_short: int | None = None
             "source": {"from": kind, "resize_short": resize_short,
                        "quality": quality if resize_short is not None else None},
         }
-        tmp = out / f".{image_sources.MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp, out / image_sources.MANIFEST)
     except BaseException:
-        for path in written:
+        for path in written + [tmp]:
             try:
                 os.remove(path)
             except OSError:

@@ -186,8 +186,12 @@ def _assemble(groups: dict) -> dict:
     out, classes = {}, None
     for split, parts in groups.items():
         chunks = [c for part in parts for c in part[0]]
-        labels = np.concatenate([np.asarray(x, np.int64) for part in parts for x in part[1]])
         columns, names = parts[0][2][:2], parts[0][2][2]
+        try:
+            labels = np.concatenate([np.asarray(x, np.int64) for part in parts for x in part[1]])
+        except (TypeError, ValueError):
+            raise ValueError(f"convert --from hf: the {split} split's label column {columns[1]!r} does not hold "
+                             "integers (missing values or strings?); name another with --label-column") from None
         if len(labels) and (labels == -1).all():
             warnings.warn(f"convert --from hf: the {split} split has no labels (all -1); it is left out")
             continue
@@ -198,6 +202,8 @@ def _assemble(groups: dict) -> dict:
                 raise ValueError(f"convert --from hf: the {split} split's class names differ from another split's")
             classes = names
         out[split] = HFSplit(split, chunks, columns, labels, names)
+    if not len(out.get("train", ())):
+        raise ValueError("convert --from hf: the train split has no labelled examples; nothing to train on")
     top = max(int(s.labels.max()) for s in out.values() if len(s.labels))
     classes = classes or [str(i) for i in range(top + 1)]
     if top >= len(classes):

@@ -17,6 +17,7 @@ The manifest holds the classes, per-split counts, each shard's size and SHA-256,
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -33,6 +34,7 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fastgpu_jax.arrayrecord/1"
+_GONE = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR)  # files that are bad examples
 _RECORD_HEADER = struct.Struct("<IH")
 
 
@@ -83,7 +85,11 @@ class FolderSplit:
             with open(path, "rb") as f:
                 return f.read(), int(self.labels[i]), path
         except OSError as err:
-            raise FileNotFoundError(f"{path}: cannot be read ({err.strerror})") from None
+            if err.errno in _GONE:  # a deleted or unreadable file: a bad example (skippable)
+                raise FileNotFoundError(f"{path}: cannot be read ({err.strerror})") from None
+            # anything else (EIO, EMFILE, a stale NFS handle) may pass: stop rather than change the batch
+            raise OSError(err.errno, f"{path}: read failed ({err.strerror}); not skipped, as a transient I/O "
+                                     "error must not change the data of a step") from None
 
 
 def _describe(directory: Path) -> str:

@@ -102,10 +102,10 @@ def decode(data: bytes, name: str, *, min_size: tuple[int, int] | None = None):
     the largest that keeps both sides at least ``min_size = (width, height)``)."""
     w, h, kind = probe(data, name)
     is_jpeg = kind != "other"
-    want = (w, h)
+    scale = 1
     if is_jpeg and min_size is not None:  # only the 1/2, 1/4, 1/8 scales: both decoders have them
         scale = max([1] + [s for s in (2, 4, 8) if w / s >= min_size[0] and h / s >= min_size[1]])
-        want = (math.ceil(w / scale), math.ceil(h / scale))
+    want = (math.ceil(w / scale), math.ceil(h / scale))  # libjpeg's size at 1/scale: simplejpeg picks that scale
     if kind == "jpeg-fast":
         try:
             a = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=want[0], min_height=want[1])
@@ -115,8 +115,8 @@ def decode(data: bytes, name: str, *, min_size: tuple[int, int] | None = None):
     Image = _pil()
     try:
         im = Image.open(io.BytesIO(data))
-        if is_jpeg and want != (w, h):
-            im.draft("RGB", want)
+        if scale > 1:  # Pillow picks the largest scale <= min(w // dw, h // dh): these make it exactly `scale`
+            im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
         im.load()
         return _to_rgb(im, name), w / im.size[0]
     except BadImageError:

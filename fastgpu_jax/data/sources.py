@@ -514,14 +514,15 @@ def info(name: str, data_dir=None, *, image_size: int = 32, channels: int = 3, n
 
 
 def info_to_json(info: DatasetInfo) -> dict:
-    """The facts a trained model needs from its data set (no split sizes), as JSON values."""
+    """The facts a trained model needs from its data set, and its split sizes (a resume checks them), as JSON."""
     return {"name": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
-            "mean": list(info.mean), "std": list(info.std), "classes": list(info.classes)}
+            "mean": list(info.mean), "std": list(info.std), "classes": list(info.classes),
+            "split_sizes": {k: int(v) for k, v in info.split_sizes.items()}}
 
 
 def info_from_json(d: dict) -> DatasetInfo:
     return DatasetInfo(name=d["name"], image_shape=tuple(d["image_shape"]), num_classes=int(d["num_classes"]),
-                       split_sizes={}, mean=tuple(d["mean"]), std=tuple(d["std"]),
+                       split_sizes=dict(d.get("split_sizes", {})), mean=tuple(d["mean"]), std=tuple(d["std"]),
                        classes=tuple(d.get("classes", ())))
 
 

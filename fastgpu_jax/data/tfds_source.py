@@ -48,33 +48,38 @@ def _fields(buf: bytes):
             value, pos = buf[pos:pos + size], pos + size
             if pos > len(buf):
                 raise ValueError("truncated field")
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
+        elif wire in (1, 5):  # fixed64 / fixed32
+            size = 8 if wire == 1 else 4
+            value, pos = buf[pos:pos + size], pos + size
+            if pos > len(buf):
+                raise ValueError("truncated field")
         else:
             raise ValueError(f"unsupported wire type {wire}")
         yield number, wire, value
+
+
+def _messages(buf: bytes, number: int):
+    """The embedded messages (length-delimited fields) numbered ``number``; any other wire type is corrupt."""
+    for n, wire, value in _fields(buf):
+        if n == number:
+            if wire != 2:
+                raise ValueError(f"field {number} has wire type {wire}, expected a message")
+            yield value
 
 
 def parse_example(record: bytes) -> dict:
     """``{key: list of bytes | list of int}`` of the bytes_list and int64_list features of a serialized
     ``tf.train.Example`` (float features are skipped)."""
     out = {}
-    for number, _, features in _fields(record):  # Example.features = 1
-        if number != 1:
-            continue
-        for n, _, entry in _fields(features):  # Features.feature = 1: map<string, Feature> entries
-            if n != 1:
-                continue
-            key, feature = "", b""
-            for k, _, v in _fields(entry):
-                key, feature = (v.decode("utf-8"), feature) if k == 1 else (key, v if k == 2 else feature)
-            for kind, _, values in _fields(feature):  # Feature: bytes_list = 1, int64_list = 3
-                if kind == 1:
-                    out[key] = [v for f, _, v in _fields(values) if f == 1]
-                elif kind == 3:
-                    out[key] = _int64s(values)
+    for features in _messages(record, 1):  # Example.features = 1
+        for entry in _messages(features, 1):  # Features.feature = 1: map<string, Feature> entries
+            key = b"".join(_messages(entry, 1)).decode("utf-8", "replace")
+            for feature in _messages(entry, 2):
+                for kind, wire, values in _fields(feature):  # Feature: bytes_list = 1, int64_list = 3
+                    if kind == 1 and wire == 2:
+                        out[key] = list(_messages(values, 1))
+                    elif kind == 3 and wire == 2:
+                        out[key] = _int64s(values)
     return out
 
 
@@ -183,7 +188,7 @@ class TFDSSplit:
         except ValueError as err:
             raise ValueError(f"{where}: not a tf.train.Example record ({err})") from None
         image, label = example.get(IMAGE_KEY), example.get(LABEL_KEY)
-        if not image or not label:
+        if not image or not label or not isinstance(image[0], bytes) or not isinstance(label[0], int):
             raise ValueError(f"{where}: the record has no {IMAGE_KEY!r} bytes or no {LABEL_KEY!r} int64 feature "
                              f"(it has {sorted(example)})")
         if not 0 <= label[0] < len(self.classes):
