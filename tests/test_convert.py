@@ -203,7 +203,7 @@ def test_mnist_gray_pngs_equal_the_arrays(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"kind": "imagenet"}, r"unknown source kind 'imagenet'.*folder, cifar10, mnist"),
+    ({"kind": "imagenet"}, r"unknown source kind 'imagenet'.*folder, hf, cifar10, mnist"),
     ({"resize_short": 0}, r"resize_short must be a positive integer.*got 0"),
     ({"resize_short": -3}, r"resize_short.*got -3"),
     ({"quality": 0}, r"quality must be an integer JPEG quality in 1\.\.100 \(got 0\)"),
