@@ -12,7 +12,7 @@ Recipe (Goyal et al. 2017): SGD + Nesterov momentum 0.9, lr 0.1 x batch / 256 wi
 weight decay 1e-4, bf16 compute, batch 1024; train: random-resized crop (8%-100% of the area, aspect 3/4-4/3) +
 flip; eval: short side 256, center 224 crop. Expected ~76% top-1 on val (the published result of this recipe):
 NOT measured with this library; no ImageNet run was made here. `data.workers` decoding processes per host: the
-decoder measured ~410-480 img/s per core on ImageNet-sized JPEGs (BENCHMARKS.md), so a GPU that trains at N img/s
+decoder measured ~370-480 img/s per core on ImageNet-sized JPEGs (BENCHMARKS.md), so a GPU that trains at N img/s
 needs about N / 400 workers; `bench --data` prints the pipeline's speed next to the train step's on your machine.
 """
 

@@ -219,6 +219,10 @@ def test_eval_batches_are_the_split_in_order_with_a_mask(folder):
         b, row = batches[i // 8], i % 8
         assert b["label"][row] == label
         np.testing.assert_array_equal(b["image"][row], images.eval_transform(raw, path, size=SIZE))
+    it = data.eval_batches("folder", "val", batch_size=8, data_dir=folder, image_options=opts, workers=2)
+    for a, b in zip(batches, list(it), strict=True):  # decoded by two processes: the same batches
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert it._it is None  # the pass is over: its worker processes are stopped, not left to the collector
 
 
 def _with_bad_files(tmp_path):

@@ -192,7 +192,11 @@ class StepIterator:
     def __next__(self):
         if self._it is None:
             self._it = self._open()
-        element = next(self._it)
+        try:
+            element = next(self._it)
+        except StopIteration:  # an eval pass is over: stop its workers and free their shared memory now
+            self.close()
+            raise
         self._next += 1
         if self._workers:  # out of Grain's shared memory, which is then released at once
             element = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in element.items()}
