@@ -200,7 +200,32 @@ def read_manifest(data_dir) -> dict:
     return manifest
 
 
-class ArrayRecordSplit:
+class RecordShards:
+    """Random access over ``self.shards`` (ArrayRecord files, ``self.count`` records) through Grain's source,
+    opened on first use: each decoding worker process opens its own readers."""
+
+    shards: list
+    count: int
+    _source = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def _records(self):
+        if self._source is None:
+            import grain
+
+            self._source = grain.sources.ArrayRecordDataSource(self.shards)
+            if len(self._source) != self.count:
+                raise ValueError(f"the ArrayRecord shards of {str(self.root)!r} hold {len(self._source)} records, "
+                                 f"the metadata says {self.count}; write (convert or prepare) the data set again")
+        return self._source
+
+
+class ArrayRecordSplit(RecordShards):
     """One split of a converted data set: random access over its shards (Grain's ArrayRecord source)."""
 
     def __init__(self, data_dir, split: str):
@@ -219,26 +244,9 @@ class ArrayRecordSplit:
                 raise ValueError(f"ArrayRecord shard {shard!r} is {state}; convert the data set again")
         self.count = int(entry["count"])
         self.empty_classes = ()
-        self._source = None
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getstate__(self):  # workers open their own readers
-        return {**self.__dict__, "_source": None}
-
-    def _open(self):
-        if self._source is None:
-            import grain
-
-            self._source = grain.sources.ArrayRecordDataSource(self.shards)
-            if len(self._source) != self.count:
-                raise ValueError(f"ArrayRecord shards under {str(self.root)!r} hold {len(self._source)} records, "
-                                 f"the manifest says {self.count}; convert the data set again")
-        return self._source
 
     def __getitem__(self, i: int) -> tuple[bytes, int, str]:
-        label, name, image = unpack_record(self._open()[int(i)], f"{self.root} record {int(i)}")
+        label, name, image = unpack_record(self._records()[int(i)], f"{self.root} record {int(i)}")
         if label >= len(self.classes):
             raise ValueError(f"{name} ({self.root} record {int(i)}): label {label} is out of range for "
                              f"{len(self.classes)} classes")

@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from .image_sources import RecordShards
+
 SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> TFDS's
 IMAGE_KEY, LABEL_KEY = "image", "label"
 
@@ -157,7 +159,7 @@ def split_sizes(data_dir) -> dict:
             for ours, theirs in SPLITS.items() if theirs in have}
 
 
-class TFDSSplit:
+class TFDSSplit(RecordShards):
     """One split of a prepared TFDS set: ``split[i] -> (encoded image bytes, label, name)``."""
 
     def __init__(self, data_dir, split: str):
@@ -166,25 +168,14 @@ class TFDSSplit:
         self.shards, self.count = _shards(data_dir, info, SPLITS.get(split, split))
         self.classes = classes(data_dir)
         self.empty_classes = ()
-        self._source = None
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getstate__(self):  # workers open their own readers
-        return {**self.__dict__, "_source": None}
 
     def name(self, i: int) -> str:
         return f"{self.split}/{int(i):08d}"
 
     def __getitem__(self, i: int) -> tuple[bytes, int, str]:
-        if self._source is None:
-            import grain
-
-            self._source = grain.sources.ArrayRecordDataSource(self.shards)
         where = f"{self.root} {self.name(i)}"
         try:
-            example = parse_example(self._source[int(i)])
+            example = parse_example(self._records()[int(i)])
         except ValueError as err:
             raise ValueError(f"{where}: not a tf.train.Example record ({err})") from None
         image, label = example.get(IMAGE_KEY), example.get(LABEL_KEY)
