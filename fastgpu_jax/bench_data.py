@@ -93,7 +93,7 @@ def run_data_benchmark(cfg, *, workers: tuple[int, ...] = (0, 1, 2), batches: in
     d = cfg.data
     print(f"input pipeline: {d.name} at {d.dir}, batch {d.batch_size}, {d.image_size}x{d.image_size} "
           f"{'random-resized crops + flip' if d.augment else 'center crops'}, {os.cpu_count()} CPU cores here; "
-          f"{batches} batches timed after one warm-up batch")
+          f"{batches} batches timed after a warm-up (the first batch, and those the workers prefetched meanwhile)")
     if consumed:
         print(f"train step on {device}: {consumed:,.0f} images/s ({cfg.model.name}, {cfg.train.precision}); "
               "'vs step' < 1 means the device waits for data")
