@@ -2,8 +2,9 @@
 
 For each worker count it times the config's own train pipeline (same data set, transforms and batch size as
 training: decode, crop, resize, flip, uint8 batches) after a warm-up batch (worker start-up is excluded and
-printed apart) and after the batches the workers prefetched meanwhile (so the table shows the steady rate), and prints decoded images/s, images/s per decoding core, and, next to it, the images/s that the
-config's train step consumes on this device (the model benchmark's step time for the same batch). A pipeline
+printed apart) and after the batches the workers prefetched meanwhile (so the table shows the steady rate), and
+prints decoded images/s, images/s per decoding core, and, next to it, the images/s that the config's train step
+consumes on this device (the model benchmark's step time for the same batch). A pipeline
 slower than the step starves the device: raise ``data.workers`` (or convert to ArrayRecord with a smaller
 ``--resize-short``).
 """
