@@ -147,8 +147,7 @@ def model_images(images, stats: tuple | None):
         return images
     if stats is None:
         raise ValueError("uint8 images need the data set's (mean, std) to be normalised; pass stats")
-    mean, std = (jnp.asarray(s, jnp.float32) for s in stats)
-    return (images.astype(jnp.float32) - mean) / std
+    return steps.normalize_uint8(images, *stats)
 
 
 def calibrate(model, variables: dict, batches: Iterable[dict], stats: tuple | None = None) -> dict:

@@ -3,10 +3,11 @@
     train_step(state, batch, rng=None) -> (state, metrics)
     eval_step(state, batch) -> metrics
 
-``batch`` is ``{"image": (B, H, W, C) float32 normalised, or uint8 (see ``model_input``), "label": (B,) int32}`` (+ ``"mask"`` (B,) for eval, 0 on
-padding rows). When ``state.options.axis_name`` is set (dp, pmap), the steps run per device inside a mapped
-axis and reduce gradients, metrics and eval sums over it. Train metrics are per-step means; eval metrics are sums (``loss_sum``, ``correct``, ``count``)
-so that batches of any size aggregate exactly.
+``batch`` is ``{"image": (B, H, W, C) float32 normalised, or uint8 (see ``model_input``), "label": (B,) int32}``
+(+ ``"mask"`` (B,) for eval, 0 on padding rows). When ``state.options.axis_name`` is set (dp, pmap), the steps
+run per device inside a mapped axis and reduce gradients, metrics and eval sums over it. Train metrics are
+per-step means; eval metrics are sums (``loss_sum``, ``correct``, ``count``) so that batches of any size
+aggregate exactly.
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def model_input(state: TrainState, images) -> jax.Array:
     if o.input_mean is None or o.input_std is None:
         raise ValueError("uint8 images need the data set's mean/std in the state's StepOptions "
                          "(input_mean, input_std); build the state with builders.build_state")
-    mean, std = jnp.asarray(o.input_mean, jnp.float32), jnp.asarray(o.input_std, jnp.float32)
+    return normalize_uint8(images, o.input_mean, o.input_std)
+
+
+def normalize_uint8(images, mean, std) -> jax.Array:
+    """``(images - mean) / std`` per channel in float32: the device half of the image data sets' pipeline."""
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
     return (images.astype(jnp.float32) - mean) / std
 
 
