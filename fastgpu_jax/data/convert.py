@@ -114,15 +114,15 @@ def _resized(data: bytes, name: str, short: int, quality: int) -> bytes:
     enlarged, and a JPEG that needs no resizing is kept as it is (no second lossy encoding)."""
     from PIL import Image
 
-    w, h, kind = images.probe(data, name)
+    header = w, h, kind = images.probe(data, name)
     if min(w, h) <= short:
         if kind != "other":
-            images.decode(data, name, min_size=(1, 1))  # still read: a corrupt file stops the conversion
+            images.decode(data, name, min_size=(1, 1), header=header)  # a corrupt file stops the conversion
             return data
-        return _jpeg(images.decode(data, name)[0], quality)
+        return _jpeg(images.decode(data, name, header=header)[0], quality)
     scale = short / min(w, h)
     size = (short, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), short)
-    im, _ = images.decode(data, name, min_size=size)  # JPEG: the reduced-DCT decode still at least `size`
+    im, _ = images.decode(data, name, min_size=size, header=header)  # JPEG: the reduced-DCT decode still at least `size`
     return _jpeg(im.resize(size, Image.LANCZOS), quality)
 
 

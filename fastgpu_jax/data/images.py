@@ -97,10 +97,11 @@ def _to_rgb(im, name: str):
     return im.convert("RGB")  # L, LA, P, PA, RGBA, CMYK, YCbCr, 1, ...
 
 
-def decode(data: bytes, name: str, *, min_size: tuple[int, int] | None = None):
+def decode(data: bytes, name: str, *, min_size: tuple[int, int] | None = None, header=None):
     """The image as an 8-bit RGB Pillow image, and the factor its size was divided by (1, 2, 4 or 8: JPEGs only,
-    the largest that keeps both sides at least ``min_size = (width, height)``)."""
-    w, h, kind = probe(data, name)
+    the largest that keeps both sides at least ``min_size = (width, height)``). ``header``: ``probe``'s answer,
+    when the caller has it already."""
+    w, h, kind = header or probe(data, name)
     is_jpeg = kind != "other"
     scale = 1
     if is_jpeg and min_size is not None:  # only the 1/2, 1/4, 1/8 scales: both decoders have them
@@ -159,12 +160,13 @@ def center_crop_box(width: int, height: int, *, crop: float = 0.875) -> tuple[fl
     return (left, top, left + side, top + side)
 
 
-def _resample_box(data: bytes, name: str, width: int, height: int, box, size: int, flip: bool = False):
+def _resample_box(data: bytes, name: str, header, box, size: int, flip: bool = False):
     """Decode ``data`` (reduced when the box allows) and resample ``box`` to ``size x size`` uint8 RGB."""
+    width, height, _ = header
     box_w, box_h = box[2] - box[0], box[3] - box[1]
     # The smallest decode whose box is still at least ``size`` in both directions.
     min_size = (math.ceil(width * size / box_w), math.ceil(height * size / box_h))
-    im, factor = decode(data, name, min_size=min_size)
+    im, factor = decode(data, name, min_size=min_size, header=header)
     if factor != 1:
         sx, sy = width / im.size[0], height / im.size[1]
         box = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
@@ -178,12 +180,12 @@ def _resample_box(data: bytes, name: str, width: int, height: int, box, size: in
 def train_transform(data: bytes, name: str, rng: np.random.Generator, *, size: int, min_scale: float = 0.08,
                     max_aspect: float = 4 / 3) -> np.ndarray:
     """(size, size, 3) uint8: random-resized crop + horizontal flip (p = 0.5), all draws from ``rng``."""
-    w, h, _ = probe(data, name)
+    header = w, h, _ = probe(data, name)
     box = random_resized_crop_box(rng, w, h, min_scale=min_scale, max_aspect=max_aspect)
-    return _resample_box(data, name, w, h, box, size, flip=bool(rng.random() < 0.5))
+    return _resample_box(data, name, header, box, size, flip=bool(rng.random() < 0.5))
 
 
 def eval_transform(data: bytes, name: str, *, size: int, crop: float = 0.875) -> np.ndarray:
     """(size, size, 3) uint8: the short side resized to ``size / crop``, then the center ``size x size``."""
-    w, h, _ = probe(data, name)
-    return _resample_box(data, name, w, h, center_crop_box(w, h, crop=crop), size)
+    header = w, h, _ = probe(data, name)
+    return _resample_box(data, name, header, center_crop_box(w, h, crop=crop), size)
