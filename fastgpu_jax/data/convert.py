@@ -122,7 +122,8 @@ def _resized(data: bytes, name: str, short: int, quality: int) -> bytes:
         return _jpeg(images.decode(data, name, header=header)[0], quality)
     scale = short / min(w, h)
     size = (short, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), short)
-    im, _ = images.decode(data, name, min_size=size, header=header)  # JPEG: the reduced-DCT decode still at least `size`
+    # JPEG: the reduced-DCT decode, still at least `size`
+    im, _ = images.decode(data, name, min_size=size, header=header)
     return _jpeg(im.resize(size, Image.LANCZOS), quality)
 
 
