@@ -56,13 +56,20 @@ FORWARD_CASES = [
 ]
 
 
+@pytest.fixture
+def gemm_for_few_channels(monkeypatch):
+    """The cases below have 3-6 input channels to stay fast; run them on the implicit-GEMM kernel anyway
+    (by default few-channel convs are unfolded into a matmul: ``test_routes_forward_and_gradients``)."""
+    monkeypatch.setattr(conv_mod, "GATHER_MIN_CIN", 1)
+
+
 def _id(case):
     x_shape, w_shape, kwargs = case
     return f"k{w_shape[0]}x{w_shape[1]}-" + "-".join(f"{k}{v}" for k, v in kwargs.items()).replace(" ", "")
 
 
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=_id)
-def test_forward_f32_matches_lax(case):
+def test_forward_f32_matches_lax(case, gemm_for_few_channels):
     x_shape, w_shape, kwargs = case
     x, w = make(x_shape, w_shape)
     y = conv2d(x, w, **kwargs)
@@ -71,7 +78,7 @@ def test_forward_f32_matches_lax(case):
 
 
 @pytest.mark.parametrize("case", [FORWARD_CASES[0], FORWARD_CASES[2], FORWARD_CASES[11]], ids=_id)
-def test_forward_bf16_matches_lax(case):
+def test_forward_bf16_matches_lax(case, gemm_for_few_channels):
     x_shape, w_shape, kwargs = case
     x, w = make(x_shape, w_shape, jnp.bfloat16)
     y = conv2d(x, w, **kwargs)
@@ -94,7 +101,7 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=_id)
-def test_gradients_match_lax(case):
+def test_gradients_match_lax(case, gemm_for_few_channels):
     x_shape, w_shape, kwargs = case
     x, w = make(x_shape, w_shape, seed=1)
     cot = jax.random.normal(jax.random.key(2), ref_conv(x, w, **kwargs).shape)
@@ -109,7 +116,7 @@ def test_gradients_match_lax(case):
     assert_close(dw, rw, 1e-5)
 
 
-def test_bf16_gradients_match_lax():
+def test_bf16_gradients_match_lax(gemm_for_few_channels):
     x, w = make((2, 8, 7, 6), (3, 3, 6, 5), jnp.bfloat16, seed=3)
     kwargs = dict(strides=(2, 2))
     cot = jax.random.normal(jax.random.key(4), ref_conv(x, w, **kwargs).shape, jnp.bfloat16)
@@ -132,7 +139,7 @@ def test_pointwise_conv_runs_on_the_matmul_kernel(monkeypatch):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(matmul_mod, "matmul", spy)
+    monkeypatch.setattr(conv_mod, "matmul", spy)
     x, w = make((2, 7, 6, 5), (1, 1, 5, 9))
     y = conv2d(x, w, strides=(2, 2), padding="VALID")
     assert calls == [(2, 4, 3, 5)]
@@ -149,13 +156,16 @@ def test_grouped_conv_falls_back_to_lax():
     assert_close(dw, rw, 1e-5)
 
 
-def test_explicit_blocks_and_wgrad_batch_splits(monkeypatch):
-    """Several output-column blocks and channel blocks; wgrad splits that do not divide N*OH = 15 rows."""
+def test_explicit_blocks_and_wgrad_pixel_splits(monkeypatch):
+    """Several pixel, input- and output-channel blocks; wgrad split over pixel ranges (uneven last split)."""
+    mm = importlib.import_module("fastgpu_jax.pallas_kernels.matmul")
+    monkeypatch.setattr(mm, "SPLIT_TARGET", 200)
+    monkeypatch.setattr(mm, "MIN_SPLIT_STEPS", 2)
     x, w = make((3, 5, 37, 20), (3, 3, 20, 33), seed=5)
-    blocks = tuning.ConvBlocks(block_w=16, block_n=16, block_k=16)
+    blocks = tuning.ConvBlocks(block_m=32, block_n=16, block_k=16)
+    # 9 taps x 2 Cin blocks x 3 Cout blocks = 54 tiles; 555 pixels in 18 blocks of 32 -> 4 splits of 5, 5, 5, 3
+    assert mm.splits_for(54, 18) == (4, 5)
     kwargs = dict(strides=(1, 1), padding="SAME")
-    monkeypatch.setattr(conv_mod, "_WGRAD_TARGET_PROGRAMS", 200)
-    assert conv_mod._wgrad_splits(15, 9 * 2 * 3) == (4, 4)  # 9 taps x 2 Cin blocks x 3 Cout blocks
     cot = jax.random.normal(jax.random.key(6), ref_conv(x, w, **kwargs).shape)
     y, vjp = jax.vjp(lambda x, w: conv2d(x, w, blocks=blocks, **kwargs), x, w)
     ry, ref_vjp = jax.vjp(lambda x, w: ref_conv(x, w, **kwargs), x, w)
@@ -164,20 +174,50 @@ def test_explicit_blocks_and_wgrad_batch_splits(monkeypatch):
         assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, kwargs, route", [
+    ((2, 16, 16, 3), (4, 4, 3, 8), dict(strides=(4, 4), padding="VALID"), "patchify"),
+    ((2, 18, 17, 5), (4, 4, 5, 8), dict(strides=(4, 4), padding="VALID"), "patchify"),
+    ((2, 15, 15, 3), (7, 7, 3, 16), dict(strides=(2, 2), padding=((3, 3), (3, 3))), "unfold"),
+    ((2, 9, 9, 16), (3, 3, 16, 16), dict(strides=(2, 2), padding="SAME"), "implicit_gemm"),
+])
+def test_routes_forward_and_gradients(x_shape, w_shape, kwargs, route):
+    """Patch embeddings and few-channel stems run on the matmul; all routes agree with lax, with grads."""
+    x, w = make(x_shape, w_shape, seed=7)
+    pads = conv_mod._explicit_pads(x_shape[1:3], w_shape[:2], kwargs["strides"], (1, 1), kwargs["padding"])
+    assert conv_mod.route(x_shape, w_shape, kwargs["strides"], pads, (1, 1)) == route
+    cot = jax.random.normal(jax.random.key(8), ref_conv(x, w, **kwargs).shape)
+    y, vjp = jax.vjp(lambda x, w: conv2d(x, w, **kwargs), x, w)
+    ry, ref_vjp = jax.vjp(lambda x, w: ref_conv(x, w, **kwargs), x, w)
+    assert_close(y, ry, 1e-5)
+    for got, want in zip(vjp(cot), ref_vjp(cot)):
+        assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("size, k, s, lo", [(9, 3, 2, 1), (8, 3, 2, 0), (7, 1, 2, 0), (10, 5, 3, 2), (9, 4, 2, 1)])
+def test_sub_pixel_phases_cover_every_tap_once(size, k, s, lo):
+    """Each kernel tap belongs to exactly one phase; phase lengths add up to the input size."""
+    out = (size + 2 * lo - k) // s + 1
+    phases = [conv_mod._phase_taps(a, size, k, s, lo, out) for a in range(s)]
+    assert sorted(t for taps, _, _ in phases for t in taps) == list(range(k))
+    assert sum(length for _, _, length in phases) == size
+
+
 def test_rejects_mismatched_channels():
     x, w = make((1, 5, 5, 4), (3, 3, 3, 2))
     with pytest.raises(ValueError, match="channels"):
         conv2d(x, w)
 
 
-CONV_BLOCKS = sorted({b for (_, op, _), b in tuning.TABLE.items() if op == "conv2d"},
-                     key=lambda b: tuple(vars(b).values()))
+CONV_ENTRIES = sorted({(key[3], b) for key, b in tuning.TABLE.items() if key[1] == "conv2d"},
+                      key=lambda e: (e[0], tuple(vars(e[1]).values())))
 
 
-@pytest.mark.parametrize("blocks", CONV_BLOCKS, ids=lambda b: "w{}n{}k{}".format(b.block_w, b.block_n, b.block_k))
-def test_kernels_lower_for_cuda(blocks):
+@pytest.mark.parametrize("entry", CONV_ENTRIES, ids=lambda e: "{}-m{}n{}k{}".format(
+    e[0], e[1].block_m, e[1].block_n, e[1].block_k))
+def test_kernels_lower_for_cuda(entry):
     """Forward, dgrad and wgrad with interpret=False lower through the Triton path (no GPU needed)."""
-    for dtype in (jnp.float32, jnp.bfloat16):
+    dtype, blocks = entry
+    for dtype in (jnp.dtype(dtype),):
         for strides in ((1, 1), (2, 2)):
             def f(x, w, strides=strides):
                 conv = lambda x, w: conv2d(x, w, strides=strides, padding="SAME", blocks=blocks,  # noqa: E731

@@ -118,9 +118,8 @@ def _load_kernels() -> None:
         return tuning.pallas_is_faster("matmul", tuning.matmul_shape_class(m, n, k))
 
     def conv_faster(shape, dtype, strides, feature_group_count, **_):
-        (_, _, w, cin), (_, _, _, cout) = shape
-        return feature_group_count == 1 and tuning.pallas_is_faster(
-            "conv2d", tuning.conv_shape_class(w // strides[1], cin, cout))
+        (_, _, _, cin), (_, _, _, cout) = shape
+        return feature_group_count == 1 and tuning.pallas_is_faster("conv2d", tuning.conv_shape_class(cin, cout))
 
     register("matmul", "pallas", pallas_matmul, auto_rule=matmul_faster)
     register("conv2d", "pallas", pallas_conv2d, auto_rule=conv_faster)

@@ -3,29 +3,35 @@
     conv2d(x, w, strides, padding, dilation) == lax.conv_general_dilated(x, w, strides, padding,
                                                     rhs_dilation=dilation, ("NHWC", "HWIO", "NHWC"))
 
-Forward: each program computes ``block_w`` output pixels of one output row x ``block_n`` output channels,
-summing over the KH*KW taps (a static loop) and over input channels (a ``fori_loop`` of ``block_k`` at a
-time) into a float32 accumulator with one ``dot`` per step. The image is never unfolded (no im2col):
+**Forward** (``_forward_kernel``): a GEMM whose M runs over the output pixels (n, oh, ow) *jointly*, N over
+output channels and K over (tap, input-channel block) in **one flattened loop**. The padded input is viewed
+as rows of channels, (N*Hp*Wp, Cp); output pixel m of tap t reads row ``base[m] + offset[t]``, so the A tile
+of a step is a row gather of ``block_m`` contiguous channel runs and the B tile is rows ``k*block_k`` of the
+packed weights (KH*KW*Cp, Cout). Nothing is unrolled per tap (a 7x7 kernel is a 49*Cp/block_k-step loop that
+Triton pipelines like any matmul), a 7x7 feature map wastes nothing on row padding, and strides and dilation
+are only arithmetic in ``base`` and ``offset``. The image is never unfolded in memory.
 
-* XLA glue zero-pads the input once (the conv's own padding, slack so that every in-kernel read is in
-  bounds, channels up to a ``block_k`` multiple) and, for stride s > 1, splits it into s x s *phases*
-  (``x_ph[p, q, n, i, j] = x_pad[n, i*s + p, j*s + q]``). Tap (kh, kw) of output row ``oh`` then reads a
-  contiguous run of ``block_w`` columns of one phase, so strided convs need no strided loads.
-* Input-gradient (dgrad): ``dx`` is a stride-1 conv of ``dy`` dilated by the stride and re-padded (XLA
-  ``lax.pad`` with interior padding), with the kernel flipped spatially and its channels swapped: the same
-  forward kernel.
-* Weight-gradient (wgrad): one program per (tap, input-channel block, output-channel block, batch split)
-  accumulates ``x_tapᵀ · dy`` over its share of output rows and column blocks inside the kernel; the
-  per-split partial sums (float32) are added up in XLA. No output block is ever accumulated across a grid
-  axis.
+**Input gradient** (dgrad): for stride 1 it is the forward kernel on dy with the kernel flipped and its
+channels swapped. For stride s > 1 it is split into s x s **sub-pixel** phases: the input pixels with
+h = s*u + a receive dy only through the taps kh = a + pad (mod s), so each phase is a stride-1 conv of dy
+with that sub-kernel (no MAC touches an inserted zero); the phases are interleaved in XLA.
 
-1x1 convolutions are a matmul over pixels and go to ``pallas_kernels.matmul`` (after striding/padding the
-input in XLA). Grouped/depthwise convs (``feature_group_count != 1``) fall back to
-``lax.conv_general_dilated``. ``precision`` is ignored: f32 inputs are multiplied in full f32 (IEEE) and
-bf16 inputs in bf16, always with f32 accumulation.
+**Weight gradient** (``_wgrad_kernel``): a GEMM per tap, M = input channels, N = output channels, K = output
+pixels (the same row gather, transposed), split over pixel ranges with float32 partials summed in XLA when
+the (tap, channel) tiles alone are too few programs to fill the GPU.
 
-File order: forward kernel, XLA glue, forward launch, backward (dgrad; wgrad kernel and launch), custom_vjp
-wiring, public function.
+Routed elsewhere, each because a GEMM formulation is simply better there:
+* 1x1 convs are a matmul over pixels (``pallas_kernels.matmul``), after striding/padding in XLA;
+* "patchify" convs (stride = kernel size, no padding or dilation: ViT's patch embedding) are a reshape and
+  a matmul with K = KH*KW*Cin;
+* convs with fewer than ``GATHER_MIN_CIN`` input channels (the 3-channel stem) fold (kh, kw, cin) into K by
+  an XLA unfold (K = 147 for a 7x7 RGB stem, 8% padding instead of 81%) and run on the matmul;
+* grouped/depthwise convs (``feature_group_count != 1``) fall back to ``lax.conv_general_dilated``.
+
+``precision`` is ignored: float32 inputs are multiplied in float32 (TF32 on a GPU at default precision)
+and bfloat16 in bfloat16, always with float32 accumulation.
+
+File order: kernels, geometry and XLA glue, launches, sub-pixel dgrad, custom_vjp wiring, public function.
 """
 
 from __future__ import annotations
@@ -41,168 +47,190 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fastgpu_jax.pallas_kernels import tuning
-from fastgpu_jax.pallas_kernels.lowering import interpret_default, launch, pad_axis, round_up
+from fastgpu_jax.pallas_kernels.lowering import div_mod, interpret_default, launch, pad_axis, round_up
+from fastgpu_jax.pallas_kernels.matmul import grouped, matmul, reduce_steps, splits_for
 
-_TN = (((0,), (0,)), ((), ()))  # (w, k)ᵀ @ (w, n)
-# wgrad splits the batch reduction until about this many programs run (partials are summed in XLA).
-_WGRAD_TARGET_PROGRAMS = 256
+GATHER_MIN_CIN = 16  # below this, the conv is unfolded into a matmul (the RGB stem)
+_TN = (((0,), (0,)), ((), ()))  # (p, k)ᵀ @ (p, n)
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
-# --- forward kernel ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Where output pixel m and tap t read in the padded input viewed as rows (N*Hp*Wp, Cp)."""
 
-def _forward_kernel(x_ref, w_ref, o_ref, *, taps, batch, hph, cin_pad, block_k):
-    """out[n, oh, j*bw : (j+1)*bw, co-block] = Σ_taps Σ_cin x_phase[row, col window] · w[tap, cin, co-block].
+    pixels: int  # N * OH * OW
+    out_hw: tuple[int, int]
+    in_hw: tuple[int, int]  # (Hp, Wp), the padded input
+    strides: tuple[int, int]
+    taps_hw: tuple[int, int]  # taps per row and column (KH, KW)
+    tap_step: tuple[int, int]  # input rows/columns between neighbouring taps (the dilation)
 
-    ``taps`` is a static tuple of (phase, row offset, column offset), one per (kh, kw); x_ref is the
-    phase-split input flattened to (phases * N * Hph, Wph, Cin_pad); w_ref is (KH*KW*Cin_pad, block_n)."""
-    n, oh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    block_w, block_n = o_ref.shape
-    acc = jnp.zeros((block_w, block_n), jnp.float32)
-    for t, (phase, dr, dc) in enumerate(taps):
-        row = (phase * batch + n) * hph + oh + dr
-        col0 = j * block_w + dc
+    def base(self, m):
+        """Input row of tap (0, 0) for output pixels m (clamped into range: padded pixels are discarded)."""
+        (oh, ow), (hp, wp), (sh, sw) = self.out_hw, self.in_hw, self.strides
+        n, r = div_mod(jnp.minimum(m, self.pixels - 1), oh * ow)
+        row, col = div_mod(r, ow)
+        return n * (hp * wp) + row * (sh * wp) + col * sw
 
-        def body(c, acc, row=row, col0=col0, t=t):
-            c0 = pl.multiple_of(c * block_k, block_k)
-            a = x_ref[row, pl.ds(col0, block_w), pl.ds(c0, block_k)]
-            b = w_ref[pl.ds(t * cin_pad + c0, block_k), :]
-            return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-        acc = lax.fori_loop(0, cin_pad // block_k, body, acc)
-    o_ref[...] = acc.astype(o_ref.dtype)
+    def offset(self, t):
+        """Row offset of tap t (row-major over the KH x KW taps)."""
+        (dh, dw), wp = self.tap_step, self.in_hw[1]
+        row, col = div_mod(t, self.taps_hw[1])
+        return row * (dh * wp) + col * dw
 
 
-# --- geometry and XLA glue (shared) -----------------------------------------------------------------------
+# --- kernels ----------------------------------------------------------------------------------------------
+
+def _forward_kernel(x_ref, w_ref, o_ref, *, geo: _Geometry, tiles: tuple[int, int], bk: int, cblocks: int):
+    """out[m-block, n-block] = Σ_k x[base[m] + offset[k // cblocks], cblock k % cblocks] · w[k-th block]."""
+    i, _ = grouped(pl.program_id(0), *tiles)
+    bm = o_ref.shape[0]
+    base = geo.base(i * bm + lax.iota(jnp.int32, bm))
+
+    def step(k):
+        tap, cblock = div_mod(k, cblocks)
+        c0 = 0 if cblocks == 1 else pl.multiple_of(cblock * bk, bk)
+        a = x_ref[base + geo.offset(tap), pl.ds(c0, bk)]
+        return jnp.dot(a, w_ref[pl.ds(pl.multiple_of(k * bk, bk), bk), :], preferred_element_type=jnp.float32)
+
+    steps = geo.taps_hw[0] * geo.taps_hw[1] * cblocks
+    o_ref[...] = reduce_steps(step, steps, steps, o_ref.shape).astype(o_ref.dtype)
+
+
+def _wgrad_kernel(x_ref, g_ref, o_ref, *, geo: _Geometry, cblocks: int, couts: int, bp: int, steps: int,
+                  per: int):
+    """dw partial [tap, cin-block, cout-block] = Σ_pixels x[base[p] + offset[tap], cin-block]ᵀ · dy[p, cout-block]
+    over this program's split of the pixel blocks (pixels past N*OH*OW have zero dy rows)."""
+    off = geo.offset(div_mod(div_mod(pl.program_id(0), couts)[0], cblocks)[0])
+
+    def step(q):
+        p0 = pl.multiple_of(q * bp, bp)
+        a = x_ref[geo.base(p0 + lax.iota(jnp.int32, bp)) + off, :]
+        return lax.dot_general(a, g_ref[pl.ds(p0, bp), :], _TN, preferred_element_type=jnp.float32)
+
+    o_ref[...] = reduce_steps(step, per, steps, o_ref.shape)
+
+
+# --- geometry and XLA glue --------------------------------------------------------------------------------
 
 def _out_size(size: int, k: int, s: int, d: int, pad: tuple[int, int]) -> int:
     return (size + pad[0] + pad[1] - (k - 1) * d - 1) // s + 1
 
 
-def _taps(ksize, strides, dilation) -> tuple[tuple[int, int, int], ...]:
-    """(phase index, row offset, column offset) of each tap (kh, kw), in row-major tap order."""
-    (kh, kw), (sh, sw), (dh, dw) = ksize, strides, dilation
-    return tuple((((i * dh) % sh) * sw + (j * dw) % sw, (i * dh) // sh, (j * dw) // sw)
-                 for i in range(kh) for j in range(kw))
+def _rows(x, pads, cin_pad):
+    """x (N,H,W,C) padded spatially by ``pads`` (negative pads crop, as in lax) and in channels up to
+    ``cin_pad``, viewed as rows (N*Hp*Wp, cin_pad); also returns (Hp, Wp)."""
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, cin_pad - x.shape[3], 0)))
+    n, hp, wp, c = xp.shape
+    return xp.reshape(n * hp * wp, c), (hp, wp)
 
 
-def _phase_input(x, ksize, strides, dilation, pads, out_hw, cin_pad):
-    """x (N,H,W,C) -> ((sh*sw*N*Hph, Wph, Cin_pad), Hph): padded, split into stride phases, flattened.
-
-    Each phase holds ``out + (k-1)*d // s`` rows/columns: exactly what the taps of ``out`` outputs read, so
-    every in-kernel read is in bounds (``out_hw`` already includes the block padding of the width). Pads
-    may be negative (a crop), as in lax."""
-    n, h, w, c = x.shape
-    cfg, sizes = [(0, 0, 0)], []
-    for size, k, s, d, (lo, _), out in zip((h, w), ksize, strides, dilation, pads, out_hw):
-        ph = out + ((k - 1) * d) // s
-        cfg.append((lo, ph * s - size - lo, 0))
-        sizes.append(ph)
-    xp = lax.pad(x, jnp.zeros((), x.dtype), (*cfg, (0, cin_pad - c, 0)))
-    (sh, sw), (hph, wph) = strides, sizes
-    if (sh, sw) != (1, 1):
-        xp = xp.reshape(n, hph, sh, wph, sw, cin_pad).transpose(2, 4, 0, 1, 3, 5)
-    return xp.reshape(sh * sw * n * hph, wph, cin_pad), hph
+def _geometry(x_shape, w_shape, strides, pads, dilation):
+    n, h, wd, _ = x_shape
+    kh, kw = w_shape[:2]
+    out_hw = tuple(_out_size(*a) for a in zip((h, wd), (kh, kw), strides, dilation, pads))
+    in_hw = tuple(size + lo + hi for size, (lo, hi) in zip((h, wd), pads))
+    return _Geometry(n * out_hw[0] * out_hw[1], out_hw, in_hw, tuple(strides), (kh, kw), tuple(dilation))
 
 
-# --- forward launch ---------------------------------------------------------------------------------------
+# --- launches ---------------------------------------------------------------------------------------------
 
 def _conv_forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype):
     """The forward kernel on any shapes: pads to blocks, launches, slices the padding off."""
-    n, h, wd, cin = x.shape
-    kh, kw, _, cout = w.shape
-    oh, ow = (_out_size(*a) for a in zip((h, wd), (kh, kw), strides, dilation, pads))
+    geo = _geometry(x.shape, w.shape, strides, pads, dilation)
+    kh, kw, cin, cout = w.shape
     b = blocks
-    cin_pad, cout_pad, ow_pad = round_up(cin, b.block_k), round_up(cout, b.block_n), round_up(ow, b.block_w)
-    xf, hph = _phase_input(x, (kh, kw), strides, dilation, pads, (oh, ow_pad), cin_pad)
-    wf = pad_axis(pad_axis(w, 2, b.block_k), 3, b.block_n).reshape(kh * kw * cin_pad, cout_pad)
-    kernel = functools.partial(_forward_kernel, taps=_taps((kh, kw), strides, dilation), batch=n, hph=hph,
-                               cin_pad=cin_pad, block_k=b.block_k)
+    cin_pad = round_up(cin, b.block_k)
+    xf, _ = _rows(x, pads, cin_pad)
+    wf = pad_axis(pad_axis(w, 2, b.block_k), 3, b.block_n).reshape(kh * kw * cin_pad, -1)
+    mp, cout_pad = round_up(geo.pixels, b.block_m), wf.shape[1]
+    tiles = (mp // b.block_m, cout_pad // b.block_n)
+    kernel = functools.partial(_forward_kernel, geo=geo, tiles=tiles, bk=b.block_k, cblocks=cin_pad // b.block_k)
     out = launch(
-        kernel, out_shape=jax.ShapeDtypeStruct((n, oh, ow_pad, cout_pad), out_dtype),
-        grid=(n, oh, ow_pad // b.block_w, cout_pad // b.block_n),
-        in_specs=[pl.BlockSpec(xf.shape, lambda *_: (0, 0, 0)),
-                  pl.BlockSpec((wf.shape[0], b.block_n), lambda i, r, j, co: (0, co))],
-        out_specs=pl.BlockSpec((None, None, b.block_w, b.block_n), lambda i, r, j, co: (i, r, j, co)),
+        kernel, out_shape=jax.ShapeDtypeStruct((mp, cout_pad), out_dtype), grid=(tiles[0] * tiles[1],),
+        in_specs=[pl.BlockSpec(xf.shape, lambda p: (0, 0)),
+                  pl.BlockSpec((wf.shape[0], b.block_n), lambda p: (0, grouped(p, *tiles)[1]))],
+        out_specs=pl.BlockSpec((b.block_m, b.block_n), lambda p: grouped(p, *tiles)),
         num_warps=b.num_warps, num_stages=b.num_stages, interpret=interpret, name="conv2d_fwd")(xf, wf)
-    return out[:, :, :ow, :cout]
-
-
-# --- backward: dgrad (the forward kernel again) and the wgrad kernel --------------------------------------
-
-def _conv_dgrad(g, w, x_shape, *, strides, pads, dilation, blocks, interpret):
-    """dx: the stride-1 conv of dy dilated by the stride, padded so the output is (N, H, W, Cin), with
-    the kernel flipped spatially and in/out channels swapped (negative pads crop)."""
-    _, h, wd, _ = x_shape
-    kh, kw = w.shape[:2]
-    oh, ow = g.shape[1:3]
-    cfg = [(0, 0, 0)]
-    for size, k, s, d, (lo, _), o in zip((h, wd), (kh, kw), strides, dilation, pads, (oh, ow)):
-        cfg.append(((k - 1) * d - lo, size + lo - (o - 1) * s - 1, s - 1))
-    gd = lax.pad(g, jnp.zeros((), g.dtype), (*cfg, (0, 0, 0)))
-    wt = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    return _conv_forward(gd, wt, strides=(1, 1), pads=((0, 0), (0, 0)), dilation=dilation, blocks=blocks,
-                         interpret=interpret, out_dtype=g.dtype)
-
-
-def _wgrad_kernel(x_ref, g_ref, o_ref, *, kw, strides, dilation, batch, hph, out_h, rows_per, n_wblocks,
-                  block_w):
-    """dw[tap, ci-block, co-block] partial for one batch split = Σ_rows Σ_col-blocks x_tapᵀ · dy.
-
-    The tap's phase and offsets are computed from program_id(0) with scalar arithmetic. Rows past N*OH
-    (the last split's padding) read a clamped, valid x row against zero dy rows, so they add nothing."""
-    t, sp = pl.program_id(0), pl.program_id(3)
-    (sh, sw), (dh, dw) = strides, dilation
-    ki, kj = t // kw, t % kw
-    phase = ((ki * dh) % sh) * sw + (kj * dw) % sw
-    dr, dc = (ki * dh) // sh, (kj * dw) // sw
-
-    def row_step(i, acc):
-        r = sp * rows_per + i
-        n = jnp.minimum(r // out_h, batch - 1)
-        xrow = (phase * batch + n) * hph + r % out_h + dr
-
-        def col_step(j, acc):
-            a = x_ref[xrow, pl.ds(j * block_w + dc, block_w), :]
-            g = g_ref[r, pl.ds(j * block_w, block_w), :]
-            return acc + lax.dot_general(a, g, _TN, preferred_element_type=jnp.float32)
-
-        return lax.fori_loop(0, n_wblocks, col_step, acc)
-
-    o_ref[...] = lax.fori_loop(0, rows_per, row_step, jnp.zeros(o_ref.shape, jnp.float32))
-
-
-def _wgrad_splits(rows: int, base_programs: int) -> tuple[int, int]:
-    """(splits, rows per split) of the N*OH output rows so that about _WGRAD_TARGET_PROGRAMS run."""
-    splits = max(1, min(rows, -(-_WGRAD_TARGET_PROGRAMS // base_programs)))
-    rows_per = -(-rows // splits)
-    return -(-rows // rows_per), rows_per
+    return out[:geo.pixels, :cout].reshape(x.shape[0], *geo.out_hw, cout)
 
 
 def _conv_wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
-    """dw (KH, KW, Cin, Cout) in the compute dtype: the wgrad kernel's per-split float32 partials, summed
-    in XLA (one partial per batch split, so no program ever adds into another's output block)."""
-    n, oh, ow, cout = g.shape
-    kh, kw, cin, _ = w_shape
+    """dw (KH, KW, Cin, Cout) in the compute dtype from the wgrad kernel's float32 partials."""
+    geo = _geometry(x.shape, w_shape, strides, pads, dilation)
+    kh, kw, cin, cout = w_shape
     b = blocks
-    cin_pad, cout_pad, ow_pad = round_up(cin, b.block_k), round_up(cout, b.block_n), round_up(ow, b.block_w)
-    xf, hph = _phase_input(x, (kh, kw), strides, dilation, pads, (oh, ow_pad), cin_pad)
-    grid3 = (kh * kw, cin_pad // b.block_k, cout_pad // b.block_n)
-    splits, rows_per = _wgrad_splits(n * oh, grid3[0] * grid3[1] * grid3[2])
-    gf = pad_axis(pad_axis(g, 2, b.block_w), 3, b.block_n).reshape(n * oh, ow_pad, cout_pad)
-    gf = pad_axis(gf, 0, splits * rows_per)
-    kernel = functools.partial(_wgrad_kernel, kw=kw, strides=strides, dilation=dilation, batch=n, hph=hph,
-                               out_h=oh, rows_per=rows_per, n_wblocks=ow_pad // b.block_w, block_w=b.block_w)
+    bk, bn, bp = b.block_k, b.block_n, b.block_m  # tile cin x cout; reduce block_m pixels per step
+    cin_pad = round_up(cin, bk)
+    xf, _ = _rows(x, pads, cin_pad)
+    gf = pad_axis(pad_axis(g.reshape(geo.pixels, cout), 0, bp), 1, bn)
+    cblocks, couts = cin_pad // bk, gf.shape[1] // bn
+    tiles, steps = kh * kw * cblocks * couts, gf.shape[0] // bp
+    splits, per = splits_for(tiles, steps)
+    kernel = functools.partial(_wgrad_kernel, geo=geo, cblocks=cblocks, couts=couts, bp=bp, steps=steps, per=per)
     parts = launch(
-        kernel, out_shape=jax.ShapeDtypeStruct((splits, kh * kw, cin_pad, cout_pad), jnp.float32),
-        grid=(*grid3, splits),
-        in_specs=[pl.BlockSpec((xf.shape[0], xf.shape[1], b.block_k), lambda t, ci, co, s: (0, 0, ci)),
-                  pl.BlockSpec((gf.shape[0], ow_pad, b.block_n), lambda t, ci, co, s: (0, 0, co))],
-        out_specs=pl.BlockSpec((None, None, b.block_k, b.block_n), lambda t, ci, co, s: (s, t, ci, co)),
+        kernel, out_shape=jax.ShapeDtypeStruct((splits, kh * kw * cin_pad, gf.shape[1]), jnp.float32),
+        grid=(tiles, splits),
+        in_specs=[pl.BlockSpec((xf.shape[0], bk), lambda p, s: (0, div_mod(div_mod(p, couts)[0], cblocks)[1])),
+                  pl.BlockSpec((gf.shape[0], bn), lambda p, s: (0, div_mod(p, couts)[1]))],
+        out_specs=pl.BlockSpec((None, bk, bn), lambda p, s: (s, *div_mod(p, couts))),
         num_warps=b.num_warps, num_stages=b.num_stages, interpret=interpret, name="conv2d_wgrad")(xf, gf)
-    dw = parts.sum(axis=0).reshape(kh, kw, cin_pad, cout_pad)[:, :, :cin, :cout]
+    dw = parts.sum(axis=0).reshape(kh, kw, cin_pad, -1)[:, :, :cin, :cout]
     return dw.astype(x.dtype)
+
+
+# --- input gradient ---------------------------------------------------------------------------------------
+
+def _phase_taps(a: int, size: int, k: int, s: int, lo: int, out: int):
+    """For input positions i = s*u + a: (kernel taps reaching them, in reverse, pads of dy, phase length).
+
+    Forward: y[o] = Σ_k x[o*s + k - lo] w[k], so x[s*u + a] receives y[o] w[k] for k = k0 (mod s),
+    k0 = (a + lo) mod s, at o = u + c - j for k = k0 + s*j, c = (a + lo - k0) / s. Reversing j makes it the
+    stride-1 correlation Σ_j' dy_pad[u + j'] w[k0 + s*(J-1-j')] with dy padded by J-1-c in front."""
+    k0 = (a + lo) % s
+    taps = list(range(k0, k, s))[::-1]
+    length = max(0, -(-(size - a) // s))
+    if not taps or length == 0:
+        return [], None, length
+    c = (a + lo - k0) // s
+    front = len(taps) - 1 - c
+    return taps, (front, length + len(taps) - 1 - out - front), length
+
+
+def _conv_dgrad(g, w, x_shape, *, strides, pads, dilation, blocks, interpret):
+    """dx (N, H, W, Cin) from dy (N, OH, OW, Cout): the forward kernel with the kernel flipped and its
+    channels swapped; for stride > 1 once per sub-pixel phase, interleaved here."""
+    n, h, wd, cin = x_shape
+    kh, kw = w.shape[:2]
+    oh, ow = g.shape[1:3]
+    wt = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    run = functools.partial(_conv_forward, blocks=blocks, interpret=interpret, out_dtype=g.dtype)
+    if strides == (1, 1):
+        back = tuple(((k - 1) * d - lo, size + lo - o)
+                     for size, k, d, (lo, _), o in zip((h, wd), (kh, kw), dilation, pads, (oh, ow)))
+        return run(g, wt, strides=(1, 1), pads=back, dilation=dilation)
+    if dilation != (1, 1):  # strided and dilated: dy dilated by the stride with zeros (rare; correct, slower)
+        cfg = [((k - 1) * d - lo, size + lo - (o - 1) * s - 1, s - 1)
+               for size, k, s, d, (lo, _), o in zip((h, wd), (kh, kw), strides, dilation, pads, (oh, ow))]
+        gd = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), *cfg, (0, 0, 0)))
+        return run(gd, wt, strides=(1, 1), pads=((0, 0), (0, 0)), dilation=dilation)
+    (sh, sw), (lh, lw) = strides, (pads[0][0], pads[1][0])
+    ph, pw = -(-h // sh), -(-wd // sw)
+    phases = []
+    for a in range(sh):
+        rows, row_pads, hu = _phase_taps(a, h, kh, sh, lh, oh)
+        for b in range(sw):
+            cols, col_pads, wv = _phase_taps(b, wd, kw, sw, lw, ow)
+            if rows and cols:
+                sub = w[np.array(rows)][:, np.array(cols)].transpose(0, 1, 3, 2)
+                part = run(g, sub, strides=(1, 1), pads=(row_pads, col_pads), dilation=(1, 1))
+            else:  # no tap reaches these input pixels (e.g. a 1x1 kernel with stride 2)
+                part = jnp.zeros((n, hu, wv, cin), g.dtype)
+            phases.append(jnp.pad(part, ((0, 0), (0, ph - hu), (0, pw - wv), (0, 0))))
+    dx = jnp.stack(phases).reshape(sh, sw, n, ph, pw, cin).transpose(2, 3, 0, 4, 1, 5)
+    return dx.reshape(n, ph * sh, pw * sw, cin)[:, :h, :wd]
 
 
 # --- custom_vjp wiring ------------------------------------------------------------------------------------
@@ -218,6 +246,7 @@ class _Config:
     dilation: tuple[int, int]
     fwd_blocks: tuning.ConvBlocks
     dgrad_blocks: tuning.ConvBlocks
+    wgrad_blocks: tuning.ConvBlocks
     interpret: bool
     out_dtype: Any
 
@@ -240,11 +269,42 @@ def _conv_bwd(cfg: _Config, res, g):
     x, w = res
     g = g.astype(x.dtype)
     dx = _conv_dgrad(g, w, x.shape, blocks=cfg.dgrad_blocks, **cfg.geometry())
-    dw = _conv_wgrad(x, g, w.shape, blocks=cfg.fwd_blocks, **cfg.geometry())
+    dw = _conv_wgrad(x, g, w.shape, blocks=cfg.wgrad_blocks, **cfg.geometry())
     return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# --- the GEMM routes --------------------------------------------------------------------------------------
+
+def _pointwise(x, w, *, strides, pads, out_dtype, interpret):
+    """A 1x1 conv is a matmul over pixels: pad/crop and stride x in XLA, then (..., Cin) @ (Cin, Cout)."""
+    if any(p != 0 for pair in pads for p in pair):
+        x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    x = x[:, ::strides[0], ::strides[1]]
+    return matmul(x, w.reshape(w.shape[2], w.shape[3]), out_dtype=out_dtype, interpret=interpret)
+
+
+def _patchify(x, w, *, out_dtype, interpret):
+    """Stride = kernel, no padding: non-overlapping patches, so a reshape and one matmul (K = KH*KW*Cin)."""
+    n, h, wd, c = x.shape
+    kh, kw, _, cout = w.shape
+    oh, ow = h // kh, wd // kw
+    p = x[:, :oh * kh, :ow * kw].reshape(n, oh, kh, ow, kw, c).transpose(0, 1, 3, 2, 4, 5)
+    return matmul(p.reshape(n, oh, ow, kh * kw * c), w.reshape(kh * kw * c, cout), out_dtype=out_dtype,
+                  interpret=interpret)
+
+
+def _unfolded(x, w, *, strides, pads, dilation, out_hw, out_dtype, interpret):
+    """Few input channels (the RGB stem): unfold (kh, kw, cin) into K in XLA and run one matmul."""
+    kh, kw, c, cout = w.shape
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    (sh, sw), (dh, dw), (oh, ow) = strides, dilation, out_hw
+    cols = [xp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw]
+            for i in range(kh) for j in range(kw)]
+    return matmul(jnp.concatenate(cols, axis=-1), w.reshape(kh * kw * c, cout), out_dtype=out_dtype,
+                  interpret=interpret)
 
 
 # --- public function --------------------------------------------------------------------------------------
@@ -265,13 +325,16 @@ def _explicit_pads(in_hw, k_hw, strides, dilation, padding) -> Pads:
     return pads
 
 
-def _pointwise(x, w, *, strides, pads, out_dtype, interpret):
-    """A 1x1 conv is a matmul over pixels: pad/crop and stride x in XLA, then (..., Cin) @ (Cin, Cout)."""
-    if any(p != 0 for pair in pads for p in pair):
-        x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    x = x[:, ::strides[0], ::strides[1]]
-    from fastgpu_jax.pallas_kernels.matmul import matmul  # noqa: PLC0415 (kept lazy: sibling module)
-    return matmul(x, w.reshape(w.shape[2], w.shape[3]), out_dtype=out_dtype, interpret=interpret)
+def route(x_shape, w_shape, strides, pads, dilation) -> str:
+    """Which kernel runs a conv: "pointwise", "patchify" or "unfold" (a matmul), else "implicit_gemm"."""
+    kh, kw, cin = w_shape[:3]
+    if (kh, kw) == (1, 1):
+        return "pointwise"
+    if tuple(strides) == (kh, kw) and tuple(dilation) == (1, 1) and all(p == 0 for pair in pads for p in pair):
+        return "patchify"
+    if cin < GATHER_MIN_CIN:
+        return "unfold"
+    return "implicit_gemm"
 
 
 def conv2d(x, w, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_group_count=1,
@@ -281,10 +344,11 @@ def conv2d(x, w, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_gro
     Same semantics as ``lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
     dimension_numbers=("NHWC", "HWIO", "NHWC"))``: ``padding`` is "SAME", "VALID" or ((lo, hi), (lo, hi));
     ``strides``/``dilation`` are positive ints (or pairs). Differentiable (custom_vjp; the backward is Pallas
-    too). 1x1 kernels run on the Pallas matmul. ``feature_group_count != 1`` (grouped/depthwise) is not
-    implemented as a kernel and falls back to ``lax.conv_general_dilated``. ``precision`` is ignored (the
-    kernels accumulate in f32). ``blocks`` (a ``tuning.ConvBlocks``) overrides the tuning table;
-    ``interpret=None`` runs the Pallas interpreter on CPU and the GPU kernels elsewhere.
+    too). ``route`` says which kernel runs it (1x1, patchify and few-channel convs run on the Pallas
+    matmul). ``feature_group_count != 1`` (grouped/depthwise) is not implemented as a kernel and falls back
+    to ``lax.conv_general_dilated``. ``precision`` is ignored (the kernels accumulate in f32). ``blocks`` (a
+    ``tuning.ConvBlocks``) overrides the tuning table for the implicit-GEMM kernels; ``interpret=None`` runs
+    the Pallas interpreter on CPU and the GPU kernels elsewhere.
     """
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv2d expects NHWC x and HWIO w, got shapes {x.shape} and {w.shape}")
@@ -306,10 +370,19 @@ def conv2d(x, w, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_gro
     out_dtype = jnp.dtype(dtype if preferred_element_type is None else preferred_element_type)
     x, w = x.astype(dtype), w.astype(dtype)
     interpret = interpret_default(interpret)
-    if w.shape[:2] == (1, 1):
+    kind = route(x.shape, w.shape, strides, pads, dilation)
+    if kind == "pointwise":
         return _pointwise(x, w, strides=strides, pads=pads, out_dtype=out_dtype, interpret=interpret)
-    cin, cout = w.shape[2:]
+    if kind == "patchify":
+        return _patchify(x, w, out_dtype=out_dtype, interpret=interpret)
+    if kind == "unfold":
+        return _unfolded(x, w, strides=strides, pads=pads, dilation=dilation, out_hw=out_hw, out_dtype=out_dtype,
+                         interpret=interpret)
+    n, (h, wd), (cin, cout) = x.shape[0], x.shape[1:3], w.shape[2:]
+    pixels = n * out_hw[0] * out_hw[1]
     cfg = _Config(strides=strides, pads=pads, dilation=dilation, interpret=interpret, out_dtype=out_dtype,
-                  fwd_blocks=tuning.conv_blocks(out_hw[1], cin, cout, blocks),
-                  dgrad_blocks=tuning.conv_blocks(x.shape[2], cout, cin, blocks))
+                  fwd_blocks=tuning.conv_blocks(pixels, cin, cout, blocks, dtype=dtype),
+                  dgrad_blocks=tuning.conv_blocks(n * h * wd // (strides[0] * strides[1]), cout, cin, blocks,
+                                                  dtype=dtype),
+                  wgrad_blocks=tuning.conv_blocks(pixels, cin, cout, blocks, dtype=dtype))
     return _conv(x, w, cfg)

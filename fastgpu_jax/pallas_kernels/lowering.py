@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
@@ -50,3 +51,10 @@ def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     pads = [(0, 0)] * x.ndim
     pads[axis] = (0, extra)
     return jnp.pad(x, pads)
+
+
+def div_mod(x, d: int):
+    """(x // d, x % d) for a static positive int ``d``, in int32. Works around two Triton-lowering gaps:
+    ``%`` of a weakly typed loop index by a literal (the literal is typed as a boolean), and ops by 1."""
+    x = lax.convert_element_type(x, jnp.int32)
+    return (x, 0) if d == 1 else (x // d, x % d)

@@ -2,13 +2,26 @@
 
     matmul(a, b, bias=None, activation=None) == act(a @ b + bias)     a: (..., K), b: (K, N), bias: (N,)
 
-Each program computes one (block_m, block_n) tile of the output, looping over K inside the kernel with a
-float32 accumulator (never accumulating across a grid axis). Inputs are zero-padded to block multiples
-and the result sliced, so any M/K/N works. The backward is three more kernels: dA = dZ·Bᵀ, dB = Aᵀ·dZ and
-dbias = Σ_rows dZ, where dZ = dY·act'(·) is computed inside each of them from the saved output (relu) or
-pre-activation (gelu) rather than materialised.
+One kernel shape serves the three products of a training step: each program computes one output tile,
+looping over its share of the reduction inside the kernel into a float32 accumulator (``_reduce``):
 
-File order: kernel bodies, their launches, custom_vjp wiring, public function.
+* forward ``Y = act(A·B + bias)`` (NN), the epilogue fused when the whole reduction runs in one program;
+* input gradient ``dA = dZ·Bᵀ`` (NT) and weight gradient ``dB = Aᵀ·dZ`` (TN), where ``dZ = dY·act'(·)`` is
+  computed inside the kernel from the saved output (relu) or pre-activation (gelu), never materialised;
+  ``dbias = Σ_rows dZ`` is one fused XLA reduction.
+
+Why it is laid out this way (each point is checked by ``benchmarks/sm90_check.py`` on an H100 compile):
+
+* **Grouped program order.** Programs walk the output in groups of ``GROUP_M`` tile rows (``_grouped``), so
+  the A rows and B columns a wave of programs reads stay in L2 (the order of Triton's matmul tutorial).
+* **Split-K when the grid is small.** A weight gradient such as ResNet-50's 64x256 1x1 conv has 2 output
+  tiles but reduces over 800k pixels; a classifier forward has 16 tiles. When the tiles are fewer than
+  ``SPLIT_TARGET`` programs, the reduction is split over a second grid axis (``_splits``): each split writes
+  a float32 partial tile, XLA adds the partials and applies the epilogue. No program ever adds into
+  another's output block (that races on a GPU and passes on CPU).
+* Inputs are zero-padded to block multiples and the result sliced, so any M/K/N works.
+
+File order: helpers, kernel bodies, launches, custom_vjp wiring, public function.
 """
 
 from __future__ import annotations
@@ -21,15 +34,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fastgpu_jax.pallas_kernels import tuning
-from fastgpu_jax.pallas_kernels.lowering import launch, pad_axis
+from fastgpu_jax.pallas_kernels.lowering import div_mod, launch, pad_axis
 
 ACTIVATIONS = (None, "relu", "gelu")
+GROUP_M = 8  # tile rows per program group (L2 reuse)
+SPLIT_TARGET = 264  # programs wanted per launch: two waves of an H100's 132 SMs
+MIN_SPLIT_STEPS = 4  # a split reduces over at least this many blocks
 _NN = (((1,), (0,)), ((), ()))  # (m, k) @ (k, n)
 _NT = (((1,), (1,)), ((), ()))  # (m, n) @ (k, n)ᵀ
 _TN = (((0,), (0,)), ((), ()))  # (m, k)ᵀ @ (m, n)
 
 
-def _activate(z, activation):
+# --- helpers shared with conv2d --------------------------------------------------------------------------
+
+def activate(z, activation):
     if activation == "relu":
         return jnp.maximum(z, 0.0)
     if activation == "gelu":
@@ -37,168 +55,177 @@ def _activate(z, activation):
     return z
 
 
-def _act_grad(dy, saved, activation):
-    """dZ = dY * act'(·): ``saved`` is the output for relu and the pre-activation for gelu."""
+def act_grad(dy, saved, activation):
+    """dZ = dY * act'(·) in float32: ``saved`` is the output for relu and the pre-activation for gelu."""
     dy = dy.astype(jnp.float32)
     if activation == "relu":
         return jnp.where(saved.astype(jnp.float32) > 0, dy, 0.0)
     if activation == "gelu":
         z = saved.astype(jnp.float32)
         c = 0.7978845608028654  # sqrt(2 / pi)
-        inner = c * (z + 0.044715 * z * z * z)
-        t = jnp.tanh(inner)
-        d_inner = c * (1.0 + 3 * 0.044715 * z * z)
-        return dy * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * d_inner)
+        t = jnp.tanh(c * (z + 0.044715 * z * z * z))
+        return dy * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z))
     return dy
+
+
+def grouped(p, tiles_m: int, tiles_n: int):
+    """Program ``p`` of a 1-D grid -> output tile (i, j), walking GROUP_M tile rows at a time."""
+    if tiles_m == 1 or tiles_n == 1:  # one row or column of tiles: nothing to group
+        return (0, p) if tiles_m == 1 else (p, 0)
+    group, within = div_mod(p, GROUP_M * tiles_n)
+    first = group * GROUP_M
+    size = jnp.minimum(tiles_m - first, GROUP_M)
+    return first + within % size, within // size
+
+
+def splits_for(tiles: int, steps: int) -> tuple[int, int]:
+    """(splits, steps per split) of a reduction of ``steps`` blocks over ``tiles`` output tiles: enough
+    splits for about SPLIT_TARGET programs, each at least MIN_SPLIT_STEPS long; no split is empty."""
+    want = -(-SPLIT_TARGET // tiles)
+    splits = max(1, min(want, steps // MIN_SPLIT_STEPS))
+    per = -(-steps // splits)
+    return -(-steps // per), per
+
+
+def reduce_steps(step, per: int, steps: int, shape):
+    """Σ step(r) over this program's split of range(steps), in a float32 accumulator."""
+    acc = jnp.zeros(shape, jnp.float32)
+    if per >= steps:
+        return lax.fori_loop(0, steps, lambda r, acc: acc + step(r), acc)
+    lo = pl.program_id(1) * per
+    return lax.fori_loop(lo, jnp.minimum(lo + per, steps), lambda r, acc: acc + step(r), acc)
 
 
 # --- kernel bodies ----------------------------------------------------------------------------------------
 
-def _forward_kernel(a_ref, b_ref, *refs, nk, bk, activation, has_bias, save_z):
+def _forward_kernel(a_ref, b_ref, *refs, bk, steps, per, activation, has_bias, save_z):
     bias_ref = refs[0] if has_bias else None
-    y_ref = refs[1] if has_bias else refs[0]
-    z_ref = refs[-1] if save_z else None
+    out_refs = refs[1:] if has_bias else refs
 
-    def body(k, acc):
-        a = a_ref[:, pl.ds(k * bk, bk)]
-        b = b_ref[pl.ds(k * bk, bk), :]
-        return acc + lax.dot_general(a, b, _NN, preferred_element_type=jnp.float32)
+    def step(k):
+        ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+        return lax.dot_general(a_ref[:, ks], b_ref[ks, :], _NN, preferred_element_type=jnp.float32)
 
-    z = lax.fori_loop(0, nk, body, jnp.zeros(y_ref.shape, jnp.float32))
+    z = reduce_steps(step, per, steps, out_refs[0].shape)
+    if per < steps:  # a split: the partial goes out as is, XLA adds the splits and applies the epilogue
+        out_refs[0][...] = z
+        return
     if has_bias:
         z = z + bias_ref[...].astype(jnp.float32)
-    y_ref[...] = _activate(z, activation).astype(y_ref.dtype)
+    out_refs[0][...] = activate(z, activation).astype(out_refs[0].dtype)
     if save_z:
-        z_ref[...] = z.astype(z_ref.dtype)
+        out_refs[1][...] = z.astype(out_refs[1].dtype)
 
 
-def _grad_a_kernel(dy_ref, *refs, nn_, bn, activation):
+def _grad_a_kernel(dy_ref, *refs, bn, steps, per, activation):
     """dA tile (bm, bk) = Σ_n dZ[:, n] · B[k, n]ᵀ."""
     saved_ref = refs[0] if activation else None
     b_ref, da_ref = refs[-2], refs[-1]
 
-    def body(j, acc):
-        cols = pl.ds(j * bn, bn)
-        dz = _act_grad(dy_ref[:, cols], saved_ref[:, cols] if activation else None, activation)
-        return acc + lax.dot_general(dz.astype(b_ref.dtype), b_ref[:, cols], _NT,
-                                     preferred_element_type=jnp.float32)
+    def step(j):
+        cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+        dz = act_grad(dy_ref[:, cols], saved_ref[:, cols] if activation else None, activation)
+        return lax.dot_general(dz.astype(b_ref.dtype), b_ref[:, cols], _NT, preferred_element_type=jnp.float32)
 
-    da_ref[...] = lax.fori_loop(0, nn_, body, jnp.zeros(da_ref.shape, jnp.float32)).astype(da_ref.dtype)
+    da_ref[...] = reduce_steps(step, per, steps, da_ref.shape).astype(da_ref.dtype)
 
 
-def _grad_b_kernel(a_ref, dy_ref, *refs, nm, bm, activation):
+def _grad_b_kernel(a_ref, dy_ref, *refs, bm, steps, per, activation):
     """dB tile (bk, bn) = Σ_m A[m, k]ᵀ · dZ[m, n]."""
     saved_ref = refs[0] if activation else None
     db_ref = refs[-1]
 
-    def body(i, acc):
-        rows = pl.ds(i * bm, bm)
-        dz = _act_grad(dy_ref[rows, :], saved_ref[rows, :] if activation else None, activation)
-        return acc + lax.dot_general(a_ref[rows, :], dz.astype(a_ref.dtype), _TN,
-                                     preferred_element_type=jnp.float32)
+    def step(i):
+        rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+        dz = act_grad(dy_ref[rows, :], saved_ref[rows, :] if activation else None, activation)
+        return lax.dot_general(a_ref[rows, :], dz.astype(a_ref.dtype), _TN, preferred_element_type=jnp.float32)
 
-    db_ref[...] = lax.fori_loop(0, nm, body, jnp.zeros(db_ref.shape, jnp.float32)).astype(db_ref.dtype)
-
-
-def _grad_bias_kernel(dy_ref, *refs, nm, bm, activation):
-    """dbias tile (1, bn) = Σ_m dZ[m, n]."""
-    saved_ref = refs[0] if activation else None
-    dbias_ref = refs[-1]
-
-    def body(i, acc):
-        rows = pl.ds(i * bm, bm)
-        dz = _act_grad(dy_ref[rows, :], saved_ref[rows, :] if activation else None, activation)
-        return acc + jnp.sum(dz, axis=0, keepdims=True)
-
-    dbias_ref[...] = lax.fori_loop(0, nm, body, jnp.zeros(dbias_ref.shape, jnp.float32)).astype(dbias_ref.dtype)
+    db_ref[...] = reduce_steps(step, per, steps, db_ref.shape).astype(db_ref.dtype)
 
 
 # --- launches ---------------------------------------------------------------------------------------------
 
+def _tile_launch(kernel, name, args, in_specs, out_dtypes, out_rows, out_cols, bl, steps, interpret):
+    """Launches ``kernel`` over output tiles (bl.block_m x bl.block_n of an out_rows x out_cols output) in
+    grouped order, split over the reduction when the tiles are few. ``in_specs`` are functions of the tile
+    (i, j) giving block indices. Returns (outputs, split): the finished tiles, or (split=True) the float32
+    sum of the partials, to which the caller applies any epilogue."""
+    tm, tn = out_rows // bl.block_m, out_cols // bl.block_n
+    splits, per = splits_for(tm * tn, steps)
+    specs = [pl.BlockSpec(shape, lambda p, s, f=f: f(*grouped(p, tm, tn))) for shape, f in in_specs]
+    tile = (bl.block_m, bl.block_n)
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((out_rows, out_cols), d) for d in out_dtypes]
+        out_specs = [pl.BlockSpec(tile, lambda p, s: grouped(p, tm, tn)) for _ in out_dtypes]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((splits, out_rows, out_cols), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, *tile), lambda p, s: (s, *grouped(p, tm, tn)))]
+    outs = launch(functools.partial(kernel, steps=steps, per=per), out_shape=out_shape, grid=(tm * tn, splits),
+                  in_specs=specs, out_specs=out_specs, num_warps=bl.num_warps, num_stages=bl.num_stages,
+                  interpret=interpret, name=name)(*args)
+    return (outs, False) if splits == 1 else ([outs[0].sum(axis=0)], True)
+
+
 def _forward(a, b, bias, activation, out_dtype, blocks, interpret):
     """(y, z or None) for 2-D a (M, K), b (K, N); z is the pre-activation, kept only for gelu."""
     (m, k), n = a.shape, b.shape[1]
-    bl = tuning.matmul_blocks(m, n, k, blocks)
+    bl = tuning.matmul_blocks(m, n, k, blocks, dtype=a.dtype)
     a_p = pad_axis(pad_axis(a, 0, bl.block_m), 1, bl.block_k)
     b_p = pad_axis(pad_axis(b, 0, bl.block_k), 1, bl.block_n)
     (mp, kp), np_ = a_p.shape, b_p.shape[1]
-    grid = (mp // bl.block_m, np_ // bl.block_n)
-    in_specs = [pl.BlockSpec((bl.block_m, kp), lambda i, j: (i, 0)),
-                pl.BlockSpec((kp, bl.block_n), lambda i, j: (0, j))]
+    in_specs = [((bl.block_m, kp), lambda i, j: (i, 0)), ((kp, bl.block_n), lambda i, j: (0, j))]
     args = [a_p, b_p]
     if bias is not None:
         args.append(pad_axis(bias.reshape(1, n), 1, bl.block_n))
-        in_specs.append(pl.BlockSpec((1, bl.block_n), lambda i, j: (0, j)))
-    tile = pl.BlockSpec((bl.block_m, bl.block_n), lambda i, j: (i, j))
+        in_specs.append(((1, bl.block_n), lambda i, j: (0, j)))
     save_z = activation == "gelu"
-    out_shape = [jax.ShapeDtypeStruct((mp, np_), out_dtype)] * (2 if save_z else 1)
-    kernel = functools.partial(_forward_kernel, nk=kp // bl.block_k, bk=bl.block_k, activation=activation,
+    kernel = functools.partial(_forward_kernel, bk=bl.block_k, activation=activation,
                                has_bias=bias is not None, save_z=save_z)
-    outs = launch(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=[tile] * len(out_shape),
-                  num_warps=bl.num_warps, num_stages=bl.num_stages, interpret=interpret, name="matmul_fwd")(*args)
-    y = outs[0][:m, :n]
-    return y, (outs[1][:m, :n] if save_z else None)
+    outs, split = _tile_launch(kernel, "matmul_fwd", args, in_specs, [out_dtype] * (2 if save_z else 1), mp, np_,
+                               bl, kp // bl.block_k, interpret)
+    if split:  # the split-K partials were summed: the epilogue runs here, in XLA
+        z = outs[0][:m, :n]
+        z = z if bias is None else z + bias.astype(jnp.float32)
+        return activate(z, activation).astype(out_dtype), (z.astype(out_dtype) if save_z else None)
+    return outs[0][:m, :n], (outs[1][:m, :n] if save_z else None)
 
 
 def _grad_a(dy, saved, b, activation, blocks, interpret):
-    """dA (M, K) = dZ (M, N) · Bᵀ, reducing over N inside the kernel."""
+    """dA (M, K) = dZ (M, N) · Bᵀ, reducing over N."""
     (m, n), k = dy.shape, b.shape[0]
-    bl = tuning.matmul_blocks(m, k, n, blocks)  # output tile (block_m, block_n) over (M, K); reduce N by block_k
+    bl = tuning.matmul_blocks(m, k, n, blocks, dtype=b.dtype)  # tiles over (M, K); reduce N by block_k
     bm, bk_out, bn = bl.block_m, bl.block_n, bl.block_k
     dy_p = pad_axis(pad_axis(dy, 0, bm), 1, bn)
     b_p = pad_axis(pad_axis(b, 0, bk_out), 1, bn)
     (mp, np_), kp = dy_p.shape, b_p.shape[0]
-    rows = pl.BlockSpec((bm, np_), lambda i, j: (i, 0))
+    rows = ((bm, np_), lambda i, j: (i, 0))
     args, specs = [dy_p], [rows]
     if activation:
         args.append(pad_axis(pad_axis(saved, 0, bm), 1, bn))
         specs.append(rows)
     args.append(b_p)
-    specs.append(pl.BlockSpec((bk_out, np_), lambda i, j: (j, 0)))
-    kernel = functools.partial(_grad_a_kernel, nn_=np_ // bn, bn=bn, activation=activation)
-    da = launch(kernel, out_shape=jax.ShapeDtypeStruct((mp, kp), b.dtype), grid=(mp // bm, kp // bk_out),
-                in_specs=specs, out_specs=pl.BlockSpec((bm, bk_out), lambda i, j: (i, j)),
-                num_warps=bl.num_warps, num_stages=bl.num_stages, interpret=interpret, name="matmul_grad_a")(*args)
+    specs.append(((bk_out, np_), lambda i, j: (j, 0)))
+    kernel = functools.partial(_grad_a_kernel, bn=bn, activation=activation)
+    (da,), _ = _tile_launch(kernel, "matmul_grad_a", args, specs, [b.dtype], mp, kp, bl, np_ // bn, interpret)
     return da[:m, :k]
 
 
 def _grad_b(a, dy, saved, activation, blocks, interpret):
-    """dB (K, N) = Aᵀ · dZ, reducing over M inside the kernel."""
+    """dB (K, N) = Aᵀ · dZ, reducing over M (split over programs when the K x N tiles are few)."""
     (m, k), n = a.shape, dy.shape[1]
-    bl = tuning.matmul_blocks(k, n, m, blocks)  # output tile over (K, N); reduce M by block_k
+    bl = tuning.matmul_blocks(k, n, m, blocks, dtype=a.dtype)  # tiles over (K, N); reduce M by block_k
     bk_out, bn, bm = bl.block_m, bl.block_n, bl.block_k
     a_p = pad_axis(pad_axis(a, 0, bm), 1, bk_out)
     dy_p = pad_axis(pad_axis(dy, 0, bm), 1, bn)
     (mp, kp), np_ = a_p.shape, dy_p.shape[1]
-    cols = pl.BlockSpec((mp, bn), lambda i, j: (0, j))
-    args, specs = [a_p, dy_p], [pl.BlockSpec((mp, bk_out), lambda i, j: (0, i)), cols]
+    cols = ((mp, bn), lambda i, j: (0, j))
+    args, specs = [a_p, dy_p], [((mp, bk_out), lambda i, j: (0, i)), cols]
     if activation:
         args.append(pad_axis(pad_axis(saved, 0, bm), 1, bn))
         specs.append(cols)
-    kernel = functools.partial(_grad_b_kernel, nm=mp // bm, bm=bm, activation=activation)
-    db = launch(kernel, out_shape=jax.ShapeDtypeStruct((kp, np_), a.dtype), grid=(kp // bk_out, np_ // bn),
-                in_specs=specs, out_specs=pl.BlockSpec((bk_out, bn), lambda i, j: (i, j)),
-                num_warps=bl.num_warps, num_stages=bl.num_stages, interpret=interpret, name="matmul_grad_b")(*args)
+    kernel = functools.partial(_grad_b_kernel, bm=bm, activation=activation)
+    (db,), _ = _tile_launch(kernel, "matmul_grad_b", args, specs, [a.dtype], kp, np_, bl, mp // bm, interpret)
     return db[:k, :n]
-
-
-def _grad_bias(dy, saved, activation, dtype, blocks, interpret):
-    """dbias (N,) = Σ_m dZ[m, :]."""
-    m, n = dy.shape
-    bl = tuning.matmul_blocks(m, n, m, blocks)
-    bm, bn = bl.block_m, bl.block_n
-    dy_p = pad_axis(pad_axis(dy, 0, bm), 1, bn)
-    mp, np_ = dy_p.shape
-    cols = pl.BlockSpec((mp, bn), lambda j: (0, j))
-    args, specs = [dy_p], [cols]
-    if activation:
-        args.append(pad_axis(pad_axis(saved, 0, bm), 1, bn))
-        specs.append(cols)
-    kernel = functools.partial(_grad_bias_kernel, nm=mp // bm, bm=bm, activation=activation)
-    out = launch(kernel, out_shape=jax.ShapeDtypeStruct((1, np_), dtype), grid=(np_ // bn,), in_specs=specs,
-                 out_specs=pl.BlockSpec((1, bn), lambda j: (0, j)), num_warps=bl.num_warps,
-                 num_stages=bl.num_stages, interpret=interpret, name="matmul_grad_bias")(*args)
-    return out[0, :n]
 
 
 # --- custom_vjp wiring ------------------------------------------------------------------------------------
@@ -218,7 +245,8 @@ def _matmul2d_bwd(activation, out_dtype, blocks, interpret, residuals, dy):
     a, b, bias, saved = residuals
     da = _grad_a(dy, saved, b, activation, blocks, interpret).astype(a.dtype)
     db = _grad_b(a, dy, saved, activation, blocks, interpret).astype(b.dtype)
-    dbias = None if bias is None else _grad_bias(dy, saved, activation, bias.dtype, blocks, interpret)
+    # dbias is one XLA reduction with dZ fused into it (nothing materialised, no extra launch).
+    dbias = None if bias is None else act_grad(dy, saved, activation).sum(axis=0).astype(bias.dtype)
     return da, db, dbias
 
 

@@ -1,4 +1,4 @@
-"""Block sizes for the kernels: a table keyed by (GPU kind, op, shape class), with overrides.
+"""Block sizes for the kernels: a table keyed by (GPU kind, op, shape class, dtype), with overrides.
 
 Precedence for the blocks a kernel uses: the call's ``blocks=`` argument > ``with use_blocks(...)`` >
 entries loaded from a JSON table (``load_table``, e.g. written by ``autotune``; config ``model.pallas_tuning``)
@@ -21,6 +21,7 @@ import time
 from typing import Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from fastgpu_jax.pallas_kernels.lowering import next_pow2
 
@@ -36,10 +37,10 @@ class MatmulBlocks:
 
 @dataclasses.dataclass(frozen=True)
 class ConvBlocks:
-    """Implicit-GEMM conv: ``block_w`` output pixels along a row x ``block_n`` output channels per program,
-    reducing ``block_k`` input channels at a time."""
+    """Implicit-GEMM conv: ``block_m`` output pixels (over batch, rows and columns jointly) x ``block_n``
+    output channels per program, reducing ``block_k`` input channels of one tap per step."""
 
-    block_w: int = 32
+    block_m: int = 64
     block_n: int = 64
     block_k: int = 32
     num_warps: int = 4
@@ -47,14 +48,28 @@ class ConvBlocks:
 
 
 _KINDS = ("H200", "H100", "A100", "L4", "cpu")
+_kind_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgpu_kind", default=None)
 
 
 def device_kind() -> str:
-    """'H100', 'H200', 'A100', ... or 'cpu'; 'default' for an unknown GPU."""
+    """'H100', 'H200', 'A100', ... or 'cpu'; 'default' for an unknown GPU (``use_device_kind`` overrides)."""
+    if _kind_override.get():
+        return _kind_override.get()
     kind = jax.devices()[0].device_kind
     if jax.default_backend() == "cpu":
         return "cpu"
     return next((k for k in _KINDS if k.lower() in kind.lower()), "default")
+
+
+@contextlib.contextmanager
+def use_device_kind(kind: str) -> Iterator[None]:
+    """Kernels traced inside take the blocks of GPU ``kind`` (e.g. "H100"): lowering for an H100 from a
+    CPU machine (``benchmarks/sm90_check.py``) then compiles exactly what that GPU would run."""
+    token = _kind_override.set(kind)
+    try:
+        yield
+    finally:
+        _kind_override.reset(token)
 
 
 def matmul_shape_class(m: int, n: int, k: int) -> str:
@@ -65,34 +80,56 @@ def matmul_shape_class(m: int, n: int, k: int) -> str:
     return "small"
 
 
-def conv_shape_class(out_width: int, cin: int, cout: int) -> str:
-    if out_width >= 32 and min(cin, cout) >= 64:
+def conv_shape_class(cin: int, cout: int) -> str:
+    if min(cin, cout) >= 128:
         return "large"
     if min(cin, cout) >= 32:
         return "medium"
     return "small"
 
 
-# (GPU kind, op, shape class) -> blocks. "default" rows apply to any kind without its own row.
-TABLE: dict[tuple[str, str, str], MatmulBlocks | ConvBlocks] = {
-    ("default", "matmul", "large"): MatmulBlocks(128, 128, 32, 4, 3),
-    ("default", "matmul", "medium"): MatmulBlocks(128, 128, 32, 4, 3),
-    ("default", "matmul", "small"): MatmulBlocks(64, 64, 32, 4, 2),
-    # The H100 probe in JAX_NOTES: 128x256x64, 8 warps, 3 stages reached 1.08x XLA at 4096^3.
-    ("H100", "matmul", "large"): MatmulBlocks(128, 256, 64, 8, 3),
-    ("H100", "matmul", "medium"): MatmulBlocks(128, 128, 64, 4, 3),
-    ("H200", "matmul", "large"): MatmulBlocks(128, 256, 64, 8, 3),
-    ("H200", "matmul", "medium"): MatmulBlocks(128, 128, 64, 4, 3),
-    ("default", "conv2d", "large"): ConvBlocks(64, 64, 32, 4, 3),
-    ("default", "conv2d", "medium"): ConvBlocks(32, 64, 32, 4, 2),
-    ("default", "conv2d", "small"): ConvBlocks(16, 32, 16, 4, 2),
-    ("H100", "conv2d", "large"): ConvBlocks(64, 128, 64, 8, 3),
-    ("H200", "conv2d", "large"): ConvBlocks(64, 128, 64, 8, 3),
+def dtype_name(dtype) -> str:
+    """The table's dtype key: "float32" for 4-byte inputs, "bfloat16" for 2-byte ones (bf16, f16)."""
+    return "float32" if jnp.dtype(dtype).itemsize >= 4 else "bfloat16"
+
+
+_B, _F = "bfloat16", "float32"
+# (GPU kind, op, shape class, input dtype) -> blocks. "default" rows apply to any kind without its own row.
+# The H100 rows are the ones `benchmarks/sm90_check.py` compiles for sm_90a with zero register spills and
+# shared memory under the 227 KB an H100 block gets (f32 tiles stream twice the bytes of bf16 ones, hence
+# their shorter block_k); the table it prints is in BENCHMARKS.md.
+TABLE: dict[tuple[str, str, str, str], MatmulBlocks | ConvBlocks] = {
+    ("default", "matmul", "large", _B): MatmulBlocks(128, 128, 32, 4, 3),
+    ("default", "matmul", "medium", _B): MatmulBlocks(128, 128, 32, 4, 3),
+    ("default", "matmul", "small", _B): MatmulBlocks(64, 64, 32, 4, 2),
+    ("default", "matmul", "large", _F): MatmulBlocks(128, 128, 32, 4, 2),
+    ("default", "matmul", "medium", _F): MatmulBlocks(128, 128, 32, 4, 2),
+    ("default", "matmul", "small", _F): MatmulBlocks(64, 64, 32, 4, 2),
+    ("H100", "matmul", "large", _B): MatmulBlocks(128, 128, 64, 8, 3),
+    ("H100", "matmul", "medium", _B): MatmulBlocks(128, 128, 64, 8, 3),
+    ("H100", "matmul", "small", _B): MatmulBlocks(64, 64, 64, 4, 3),
+    ("H100", "matmul", "large", _F): MatmulBlocks(128, 128, 32, 8, 3),
+    ("H100", "matmul", "medium", _F): MatmulBlocks(128, 128, 32, 8, 3),
+    ("H100", "matmul", "small", _F): MatmulBlocks(64, 64, 32, 4, 3),
+    ("default", "conv2d", "large", _B): ConvBlocks(128, 128, 32, 4, 3),
+    ("default", "conv2d", "medium", _B): ConvBlocks(128, 64, 32, 4, 3),
+    ("default", "conv2d", "small", _B): ConvBlocks(64, 32, 16, 4, 2),
+    ("default", "conv2d", "large", _F): ConvBlocks(128, 128, 32, 4, 2),
+    ("default", "conv2d", "medium", _F): ConvBlocks(128, 64, 32, 4, 2),
+    ("default", "conv2d", "small", _F): ConvBlocks(64, 32, 16, 4, 2),
+    ("H100", "conv2d", "large", _B): ConvBlocks(128, 128, 64, 8, 3),
+    ("H100", "conv2d", "medium", _B): ConvBlocks(128, 64, 64, 4, 3),
+    ("H100", "conv2d", "small", _B): ConvBlocks(128, 64, 32, 4, 3),
+    ("H100", "conv2d", "large", _F): ConvBlocks(128, 128, 32, 8, 3),
+    ("H100", "conv2d", "medium", _F): ConvBlocks(128, 64, 32, 4, 3),
+    ("H100", "conv2d", "small", _F): ConvBlocks(128, 64, 32, 4, 3),
 }
+# An H200 is an H100 with more (and faster) HBM: same SMs, same shared memory, same rows.
+TABLE.update({("H200", *key[1:]): b for key, b in TABLE.items() if key[0] == "H100"})
 
 FASTER_THAN_XLA: dict[tuple[str, str, str], bool] = {}
 
-_LOADED: dict[tuple[str, str, str], MatmulBlocks | ConvBlocks] = {}
+_LOADED: dict[tuple[str, str, str, str], MatmulBlocks | ConvBlocks] = {}
 _override: contextvars.ContextVar[dict] = contextvars.ContextVar("fastgpu_blocks", default={})
 
 
@@ -108,31 +145,33 @@ def use_blocks(*, matmul: MatmulBlocks | None = None, conv2d: ConvBlocks | None 
         _override.reset(token)
 
 
-def _lookup(op: str, shape_class: str):
-    kind = device_kind()
-    for key in ((kind, op, shape_class), ("default", op, shape_class)):
+def _lookup(op: str, shape_class: str, dtype):
+    kind, dt = device_kind(), dtype_name(dtype)
+    for key in ((kind, op, shape_class, dt), ("default", op, shape_class, dt)):
         if key in _LOADED:
             return _LOADED[key]
         if key in TABLE:
             return TABLE[key]
-    raise KeyError(f"no tuning entry for op {op!r}, shape class {shape_class!r}")
+    raise KeyError(f"no tuning entry for op {op!r}, shape class {shape_class!r}, dtype {dt}")
 
 
 def _clamp(block: int, dim: int) -> int:
     return max(16, min(block, next_pow2(dim)))
 
 
-def matmul_blocks(m: int, n: int, k: int, blocks: MatmulBlocks | None = None) -> MatmulBlocks:
-    """The blocks a matmul of (m, k) @ (k, n) uses."""
-    b = blocks or _override.get().get("matmul") or _lookup("matmul", matmul_shape_class(m, n, k))
+def matmul_blocks(m: int, n: int, k: int, blocks: MatmulBlocks | None = None, *,
+                  dtype=jnp.bfloat16) -> MatmulBlocks:
+    """The blocks a matmul of (m, k) @ (k, n) in ``dtype`` uses."""
+    b = blocks or _override.get().get("matmul") or _lookup("matmul", matmul_shape_class(m, n, k), dtype)
     return dataclasses.replace(b, block_m=_clamp(b.block_m, m), block_n=_clamp(b.block_n, n),
                                block_k=_clamp(b.block_k, k))
 
 
-def conv_blocks(out_width: int, cin: int, cout: int, blocks: ConvBlocks | None = None) -> ConvBlocks:
-    """The blocks a conv with ``out_width`` output columns, ``cin`` -> ``cout`` channels uses."""
-    b = blocks or _override.get().get("conv2d") or _lookup("conv2d", conv_shape_class(out_width, cin, cout))
-    return dataclasses.replace(b, block_w=_clamp(b.block_w, out_width), block_n=_clamp(b.block_n, cout),
+def conv_blocks(pixels: int, cin: int, cout: int, blocks: ConvBlocks | None = None, *,
+                dtype=jnp.bfloat16) -> ConvBlocks:
+    """The blocks a conv with ``pixels`` output pixels (N*OH*OW), ``cin`` -> ``cout`` channels uses."""
+    b = blocks or _override.get().get("conv2d") or _lookup("conv2d", conv_shape_class(cin, cout), dtype)
+    return dataclasses.replace(b, block_m=_clamp(b.block_m, pixels), block_n=_clamp(b.block_n, cout),
                                block_k=_clamp(b.block_k, cin))
 
 
@@ -149,7 +188,8 @@ def load_table(path: str) -> None:
         rows = json.load(f)
     for row in rows.get("blocks", []):
         cls = MatmulBlocks if row["op"] == "matmul" else ConvBlocks
-        _LOADED[(row["kind"], row["op"], row["shape_class"])] = cls(**row["blocks"])
+        for dt in [row["dtype"]] if "dtype" in row else [_B, _F]:  # a row without a dtype serves both
+            _LOADED[(row["kind"], row["op"], row["shape_class"], dt)] = cls(**row["blocks"])
     for row in rows.get("faster_than_xla", []):
         FASTER_THAN_XLA[(row["kind"], row["op"], row["shape_class"])] = bool(row["faster"])
 
@@ -157,8 +197,8 @@ def load_table(path: str) -> None:
 def save_table(path: str) -> None:
     """Writes the loaded/autotuned entries and the measured faster-than-XLA flags to ``path``."""
     rows = {
-        "blocks": [{"kind": k, "op": o, "shape_class": s, "blocks": dataclasses.asdict(b)}
-                   for (k, o, s), b in _LOADED.items()],
+        "blocks": [{"kind": k, "op": o, "shape_class": s, "dtype": d, "blocks": dataclasses.asdict(b)}
+                   for (k, o, s, d), b in _LOADED.items()],
         "faster_than_xla": [{"kind": k, "op": o, "shape_class": s, "faster": v}
                             for (k, o, s), v in FASTER_THAN_XLA.items()],
     }
@@ -179,9 +219,9 @@ def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 10) -> float:
 
 
 def autotune(op: str, shape_class: str, candidates: Sequence, make_fn: Callable, *args,
-             iters: int = 10) -> tuple:
+             iters: int = 10, dtype=jnp.bfloat16) -> tuple:
     """Times ``make_fn(blocks)(*args)`` for each candidate on this GPU, records the winner for
-    (this GPU kind, op, shape_class) and returns (best blocks, {blocks: seconds}). Candidates that fail to
+    (this GPU kind, op, shape_class, dtype) and returns (best blocks, {blocks: seconds}). Candidates that fail to
     compile are skipped."""
     if jax.default_backend() == "cpu":
         raise RuntimeError("autotune times kernels on a GPU; on CPU the kernels run in interpret mode")
@@ -194,5 +234,5 @@ def autotune(op: str, shape_class: str, candidates: Sequence, make_fn: Callable,
     if not timings:
         raise RuntimeError(f"no candidate blocks compiled for {op} ({shape_class})")
     best = min(timings, key=timings.get)
-    _LOADED[(device_kind(), op, shape_class)] = best
+    _LOADED[(device_kind(), op, shape_class, dtype_name(dtype))] = best
     return best, timings
