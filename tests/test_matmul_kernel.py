@@ -90,7 +90,10 @@ def test_block_overrides_change_blocks_not_results():
 
 def test_blocks_are_clamped_to_the_problem():
     b = tuning.matmul_blocks(5, 3000, 20, tuning.MatmulBlocks(128, 256, 64, 8, 3))
-    assert (b.block_m, b.block_n, b.block_k) == (16, 256, 32)
+    assert (b.block_m, b.block_n, b.block_k) == (16, 256, 16)
+    # the reduction block is halved while it would pad K by over 10%: 147 (a 7x7 RGB stem) -> 32, not 64
+    assert tuning.matmul_blocks(4096, 64, 147, tuning.MatmulBlocks(128, 128, 64, 8, 3)).block_k == 32
+    assert tuning.matmul_blocks(4096, 64, 768, tuning.MatmulBlocks(128, 128, 64, 8, 3)).block_k == 64
 
 
 def test_tuning_table_round_trips_through_json(tmp_path, monkeypatch):

@@ -153,7 +153,8 @@ def _conv_forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype
         in_specs=[pl.BlockSpec(xf.shape, lambda p: (0, 0)),
                   pl.BlockSpec((wf.shape[0], b.block_n), lambda p: (0, grouped(p, *tiles)[1]))],
         out_specs=pl.BlockSpec((b.block_m, b.block_n), lambda p: grouped(p, *tiles)),
-        num_warps=b.num_warps, num_stages=b.num_stages, interpret=interpret, name="conv2d_fwd")(xf, wf)
+        num_warps=b.num_warps, num_stages=b.num_stages, interpret=interpret, name="conv2d_fwd",
+        macs=(geo.pixels * cout * kh * kw * cin, mp * cout_pad * kh * kw * cin_pad))(xf, wf)
     return out[:geo.pixels, :cout].reshape(x.shape[0], *geo.out_hw, cout)
 
 
@@ -176,7 +177,8 @@ def _conv_wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
         in_specs=[pl.BlockSpec((xf.shape[0], bk), lambda p, s: (0, div_mod(div_mod(p, couts)[0], cblocks)[1])),
                   pl.BlockSpec((gf.shape[0], bn), lambda p, s: (0, div_mod(p, couts)[1]))],
         out_specs=pl.BlockSpec((None, bk, bn), lambda p, s: (s, *div_mod(p, couts))),
-        num_warps=b.num_warps, num_stages=b.num_stages, interpret=interpret, name="conv2d_wgrad")(xf, gf)
+        num_warps=b.num_warps, num_stages=b.num_stages, interpret=interpret, name="conv2d_wgrad",
+        macs=(geo.pixels * cout * kh * kw * cin, gf.shape[0] * gf.shape[1] * kh * kw * cin_pad))(xf, gf)
     dw = parts.sum(axis=0).reshape(kh, kw, cin_pad, -1)[:, :, :cin, :cout]
     return dw.astype(x.dtype)
 
@@ -261,19 +263,20 @@ def _conv(x, w, cfg: _Config):
 
 
 def _conv_fwd(x, w, cfg: _Config):
-    return _conv(x, w, cfg), (x, w)
+    """Inputs arrive as CustomVJPPrimal (symbolic_zeros): an input gradient nobody needs is not traced."""
+    return _conv(x.value, w.value, cfg), (x.value, w.value, x.perturbed, w.perturbed)
 
 
 def _conv_bwd(cfg: _Config, res, g):
     """dy is cast to the compute dtype (that of x and w) before both backward kernels."""
-    x, w = res
+    x, w, need_x, need_w = res
     g = g.astype(x.dtype)
-    dx = _conv_dgrad(g, w, x.shape, blocks=cfg.dgrad_blocks, **cfg.geometry())
-    dw = _conv_wgrad(x, g, w.shape, blocks=cfg.wgrad_blocks, **cfg.geometry())
+    dx = _conv_dgrad(g, w, x.shape, blocks=cfg.dgrad_blocks, **cfg.geometry()) if need_x else None
+    dw = _conv_wgrad(x, g, w.shape, blocks=cfg.wgrad_blocks, **cfg.geometry()) if need_w else None
     return dx, dw
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
 
 
 # --- the GEMM routes --------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ accumulated across a grid axis (the reduction loop runs inside the kernel).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -20,14 +24,50 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 
+_for_gpu: contextvars.ContextVar[bool] = contextvars.ContextVar("fastgpu_for_gpu", default=False)
+
+
 def interpret_default(interpret: bool | None = None) -> bool:
-    """Interpret mode unless told otherwise: on CPU (tests, CI) kernels run in the Pallas interpreter."""
-    return jax.default_backend() == "cpu" if interpret is None else interpret
+    """Interpret mode unless told otherwise: on CPU (tests, CI) kernels run in the Pallas interpreter,
+    except inside ``lower_for_gpu()``."""
+    if interpret is not None:
+        return interpret
+    return jax.default_backend() == "cpu" and not _for_gpu.get()
+
+
+@contextlib.contextmanager
+def lower_for_gpu() -> Iterator[None]:
+    """Kernels traced inside are GPU kernels even on a CPU machine, to be lowered with
+    ``.lower(lowering_platforms=("cuda",))`` (tests and ``benchmarks/sm90_check.py``; they cannot run here)."""
+    token = _for_gpu.set(True)
+    try:
+        yield
+    finally:
+        _for_gpu.reset(token)
+
+
+_launches: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastgpu_launches", default=None)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list]:
+    """Collects a dict per kernel launch traced inside: name, grid, warps, stages and ``macs`` = (useful
+    multiply-adds, multiply-adds executed including block padding): what ``benchmarks/sm90_check.py``
+    reports as padding waste."""
+    rows: list = []
+    token = _launches.set(rows)
+    try:
+        yield rows
+    finally:
+        _launches.reset(token)
 
 
 def launch(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int, num_stages: int,
-           interpret: bool | None = None, name: str | None = None):
-    """``pl.pallas_call`` on the Triton lowering (or the interpreter); returns the callable: ``launch(...)(*args)``."""
+           interpret: bool | None = None, name: str | None = None, macs: tuple[int, int] | None = None):
+    """``pl.pallas_call`` on the Triton lowering (or the interpreter); returns the callable: ``launch(...)(*args)``.
+    ``macs`` (useful, executed) only feeds ``record_launches``."""
+    if (rows := _launches.get()) is not None:
+        rows.append(dict(name=name, grid=list(grid), warps=num_warps, stages=num_stages, macs=macs))
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -39,7 +39,7 @@ from fastgpu_jax.pallas_kernels.lowering import div_mod, launch, pad_axis
 ACTIVATIONS = (None, "relu", "gelu")
 GROUP_M = 8  # tile rows per program group (L2 reuse)
 SPLIT_TARGET = 264  # programs wanted per launch: two waves of an H100's 132 SMs
-MIN_SPLIT_STEPS = 4  # a split reduces over at least this many blocks
+MIN_SPLIT_STEPS = 1  # a split reduces over at least this many blocks
 _NN = (((1,), (0,)), ((), ()))  # (m, k) @ (k, n)
 _NT = (((1,), (1,)), ((), ()))  # (m, n) @ (k, n)ᵀ
 _TN = (((0,), (0,)), ((), ()))  # (m, k)ᵀ @ (m, n)
@@ -85,6 +85,11 @@ def splits_for(tiles: int, steps: int) -> tuple[int, int]:
     splits = max(1, min(want, steps // MIN_SPLIT_STEPS))
     per = -(-steps // splits)
     return -(-steps // per), per
+
+
+def unwrap(x):
+    """The value of a custom_vjp input under ``symbolic_zeros`` (None stays None)."""
+    return None if x is None else x.value
 
 
 def reduce_steps(step, per: int, steps: int, shape):
@@ -145,10 +150,10 @@ def _grad_b_kernel(a_ref, dy_ref, *refs, bm, steps, per, activation):
 
 # --- launches ---------------------------------------------------------------------------------------------
 
-def _tile_launch(kernel, name, args, in_specs, out_dtypes, out_rows, out_cols, bl, steps, interpret):
+def _tile_launch(kernel, name, args, in_specs, out_dtypes, out_rows, out_cols, bl, steps, interpret, useful):
     """Launches ``kernel`` over output tiles (bl.block_m x bl.block_n of an out_rows x out_cols output) in
     grouped order, split over the reduction when the tiles are few. ``in_specs`` are functions of the tile
-    (i, j) giving block indices. Returns (outputs, split): the finished tiles, or (split=True) the float32
+    (i, j) giving block indices; ``useful`` counts the multiply-adds of the unpadded problem. Returns (outputs, split): the finished tiles, or (split=True) the float32
     sum of the partials, to which the caller applies any epilogue."""
     tm, tn = out_rows // bl.block_m, out_cols // bl.block_n
     splits, per = splits_for(tm * tn, steps)
@@ -162,7 +167,7 @@ def _tile_launch(kernel, name, args, in_specs, out_dtypes, out_rows, out_cols, b
         out_specs = [pl.BlockSpec((None, *tile), lambda p, s: (s, *grouped(p, tm, tn)))]
     outs = launch(functools.partial(kernel, steps=steps, per=per), out_shape=out_shape, grid=(tm * tn, splits),
                   in_specs=specs, out_specs=out_specs, num_warps=bl.num_warps, num_stages=bl.num_stages,
-                  interpret=interpret, name=name)(*args)
+                  interpret=interpret, name=name, macs=(useful, out_rows * out_cols * steps * bl.block_k))(*args)
     return (outs, False) if splits == 1 else ([outs[0].sum(axis=0)], True)
 
 
@@ -182,7 +187,7 @@ def _forward(a, b, bias, activation, out_dtype, blocks, interpret):
     kernel = functools.partial(_forward_kernel, bk=bl.block_k, activation=activation,
                                has_bias=bias is not None, save_z=save_z)
     outs, split = _tile_launch(kernel, "matmul_fwd", args, in_specs, [out_dtype] * (2 if save_z else 1), mp, np_,
-                               bl, kp // bl.block_k, interpret)
+                               bl, kp // bl.block_k, interpret, m * n * k)
     if split:  # the split-K partials were summed: the epilogue runs here, in XLA
         z = outs[0][:m, :n]
         z = z if bias is None else z + bias.astype(jnp.float32)
@@ -206,8 +211,9 @@ def _grad_a(dy, saved, b, activation, blocks, interpret):
     args.append(b_p)
     specs.append(((bk_out, np_), lambda i, j: (j, 0)))
     kernel = functools.partial(_grad_a_kernel, bn=bn, activation=activation)
-    (da,), _ = _tile_launch(kernel, "matmul_grad_a", args, specs, [b.dtype], mp, kp, bl, np_ // bn, interpret)
-    return da[:m, :k]
+    (da,), _ = _tile_launch(kernel, "matmul_grad_a", args, specs, [b.dtype], mp, kp, bl, np_ // bn, interpret,
+                            m * n * k)
+    return da[:m, :k].astype(b.dtype)  # float32 when the reduction was split
 
 
 def _grad_b(a, dy, saved, activation, blocks, interpret):
@@ -224,8 +230,9 @@ def _grad_b(a, dy, saved, activation, blocks, interpret):
         args.append(pad_axis(pad_axis(saved, 0, bm), 1, bn))
         specs.append(cols)
     kernel = functools.partial(_grad_b_kernel, bm=bm, activation=activation)
-    (db,), _ = _tile_launch(kernel, "matmul_grad_b", args, specs, [a.dtype], kp, np_, bl, mp // bm, interpret)
-    return db[:k, :n]
+    (db,), _ = _tile_launch(kernel, "matmul_grad_b", args, specs, [a.dtype], kp, np_, bl, mp // bm, interpret,
+                            m * n * k)
+    return db[:k, :n].astype(a.dtype)
 
 
 # --- custom_vjp wiring ------------------------------------------------------------------------------------
@@ -236,21 +243,25 @@ def _matmul2d(a, b, bias, activation, out_dtype, blocks, interpret):
 
 
 def _matmul2d_fwd(a, b, bias, activation, out_dtype, blocks, interpret):
+    # symbolic_zeros: the inputs arrive as CustomVJPPrimal(value, perturbed), so a gradient nobody asked
+    # for (the image input of a first layer) is never computed, not even traced.
+    need_a, need_b = a.perturbed, b.perturbed
+    a, b, bias = a.value, b.value, unwrap(bias)
     y, z = _forward(a, b, bias, activation, out_dtype, blocks, interpret)
     saved = {"relu": y, "gelu": z}.get(activation)
-    return y, (a, b, bias, saved)
+    return y, (a if need_b else None, b if need_a else None, bias, saved)
 
 
 def _matmul2d_bwd(activation, out_dtype, blocks, interpret, residuals, dy):
     a, b, bias, saved = residuals
-    da = _grad_a(dy, saved, b, activation, blocks, interpret).astype(a.dtype)
-    db = _grad_b(a, dy, saved, activation, blocks, interpret).astype(b.dtype)
+    da = None if b is None else _grad_a(dy, saved, b, activation, blocks, interpret)
+    db = None if a is None else _grad_b(a, dy, saved, activation, blocks, interpret)
     # dbias is one XLA reduction with dZ fused into it (nothing materialised, no extra launch).
     dbias = None if bias is None else act_grad(dy, saved, activation).sum(axis=0).astype(bias.dtype)
     return da, db, dbias
 
 
-_matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
+_matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd, symbolic_zeros=True)
 
 
 # --- public -----------------------------------------------------------------------------------------------
