@@ -16,7 +16,8 @@ the GPU machine), which is not a dependency of this project:
 
 ``capture`` writes OUT/<what>/ (one .ttir per launch plus index.json). ``table`` lowers every H100 entry of
 ``tuning.TABLE`` (forward and backward, in the entry's dtype) on shapes that use the full blocks; the model
-sets lower the forward and backward of the model's loss at the given batch, bf16, ``model.backend=pallas``.
+sets (``resnet50``, ``vit_b16``; ``*_f32`` for float32 models) lower the forward and backward of the model's
+loss at the given batch, bf16, ``model.backend=pallas``.
 ``compile`` prints one row per launch and a summary per set against the targets: fits an H100, zero spills
 in the main-loop kernels, >= 132 programs, wgmma, compile < 60 s, padding <= 15% of the MACs. It exits 1 if a
 kernel does not fit. Results are in BENCHMARKS.md ("Offline Hopper check").
@@ -25,6 +26,7 @@ kernel does not fit. Results are in BENCHMARKS.md ("Offline Hopper check").
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -126,7 +128,7 @@ def _table_set():
     return fn, args
 
 
-def _model_set(name: str, batch: int):
+def _model_set(name: str, batch: int, dtype: str = "bfloat16"):
     """The forward and backward of the model's cross-entropy loss: the kernels of its train step."""
     import jax
     import jax.numpy as jnp
@@ -135,7 +137,7 @@ def _model_set(name: str, batch: int):
     from fastgpu_jax import models
     from fastgpu_jax.nn import backend
 
-    model = models.build(name, num_classes=1000, dtype=jnp.bfloat16)
+    model = models.build(name, num_classes=1000, dtype=jnp.dtype(dtype))
     x = jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 224, 224, 3))))
@@ -154,8 +156,10 @@ def _model_set(name: str, batch: int):
 
 
 def capture(out: str, what: list[str], batch: int) -> None:
-    builders = {"table": _table_set, "resnet50": lambda: _model_set("resnet50", batch),
-                "vit_b16": lambda: _model_set("vit_b16", batch)}
+    builders = {"table": _table_set}
+    for model in ("resnet50", "vit_b16"):
+        builders[model] = functools.partial(_model_set, model, batch)
+        builders[model + "_f32"] = functools.partial(_model_set, model, batch, "float32")
     for w in what:
         _capture_set(os.path.join(out, w), builders[w])
 
@@ -270,7 +274,7 @@ def main(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("capture")
     c.add_argument("out")
-    c.add_argument("--what", default="table,resnet50,vit_b16")
+    c.add_argument("--what", default="table,resnet50,vit_b16,resnet50_f32,vit_b16_f32")
     c.add_argument("--batch", type=int, default=256)
     k = sub.add_parser("compile")
     k.add_argument("out")

@@ -159,9 +159,10 @@ def _clamp(block: int, dim: int) -> int:
     return max(16, min(block, next_pow2(dim)))
 
 
-def _clamp_reduction(block: int, dim: int) -> int:
+def _clamp_padding(block: int, dim: int) -> int:
     """Like ``_clamp``, then halved (down to 16) while padding ``dim`` to it would waste over 10% of the
-    work: K = 147 (a 7x7 RGB stem) takes blocks of 32 (160, 8% padding), not 64 (192, 23%)."""
+    work: K = 147 (a 7x7 RGB stem) takes blocks of 32 (160, 8% padding), not 64 (192, 23%). Dimensions
+    of 64 and up in multiples of 64 (every ResNet/ViT width) keep the table's block."""
     block = _clamp(block, dim)
     while block > 16 and round_up(dim, block) > 1.1 * dim:
         block //= 2
@@ -172,16 +173,16 @@ def matmul_blocks(m: int, n: int, k: int, blocks: MatmulBlocks | None = None, *,
                   dtype=jnp.bfloat16) -> MatmulBlocks:
     """The blocks a matmul of (m, k) @ (k, n) in ``dtype`` uses."""
     b = blocks or _override.get().get("matmul") or _lookup("matmul", matmul_shape_class(m, n, k), dtype)
-    return dataclasses.replace(b, block_m=_clamp(b.block_m, m), block_n=_clamp(b.block_n, n),
-                               block_k=_clamp_reduction(b.block_k, k))
+    return dataclasses.replace(b, block_m=_clamp_padding(b.block_m, m), block_n=_clamp_padding(b.block_n, n),
+                               block_k=_clamp_padding(b.block_k, k))
 
 
 def conv_blocks(pixels: int, cin: int, cout: int, blocks: ConvBlocks | None = None, *,
                 dtype=jnp.bfloat16) -> ConvBlocks:
     """The blocks a conv with ``pixels`` output pixels (N*OH*OW), ``cin`` -> ``cout`` channels uses."""
     b = blocks or _override.get().get("conv2d") or _lookup("conv2d", conv_shape_class(cin, cout), dtype)
-    return dataclasses.replace(b, block_m=_clamp(b.block_m, pixels), block_n=_clamp(b.block_n, cout),
-                               block_k=_clamp_reduction(b.block_k, cin))
+    return dataclasses.replace(b, block_m=_clamp(b.block_m, pixels), block_n=_clamp_padding(b.block_n, cout),
+                               block_k=_clamp_padding(b.block_k, cin))
 
 
 def pallas_is_faster(op: str, shape_class: str) -> bool:
