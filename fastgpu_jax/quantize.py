@@ -57,7 +57,7 @@ from fastgpu_jax import data, nn, steps
 from fastgpu_jax.builders import build_model, data_kwargs, loader_kwargs
 from fastgpu_jax.evaluate import restore_state, run_dataset_info
 from fastgpu_jax.inference import read_payload
-from fastgpu_jax.nn.backend import LayerOp
+from fastgpu_jax.nn.backend import ACTIVATIONS, LayerOp
 from fastgpu_jax.nn.layers import Conv, Dense
 
 QMAX = 127
@@ -251,8 +251,10 @@ def _int8_interceptor(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)  # outside what the int8 op computes exactly: weight-only
     input_scale = jnp.asarray(m.get_variable("input_scales", "kernel"), jnp.float32)
     bias = m.get_variable("params", "bias") if m.use_bias else None
-    fn = int8_dense if isinstance(m, Dense) else int8_conv
-    return fn(m, args[0], q, scale, input_scale, bias)
+    if isinstance(m, Conv):
+        return int8_conv(m, args[0], q, scale, input_scale, bias)
+    y = int8_dense(m, args[0], q, scale, input_scale, bias)
+    return ACTIVATIONS[m.activation](y) if m.activation else y  # Dense(..., activation=) applies it last
 
 
 @contextlib.contextmanager

@@ -320,13 +320,14 @@ def test_every_kernel_goes_through_the_backend_dispatch(monkeypatch, name, stem,
     seen_shapes = []
 
     def counting(op, fn):
-        def wrapper(x, kernel, **kwargs):
+        def wrapper(x, kernel, *args, **kwargs):
             calls[op] += 1
             seen_shapes.append(tuple(kernel.shape))
-            return fn(x, kernel, **kwargs)
+            return fn(x, kernel, *args, **kwargs)
         return wrapper
 
     monkeypatch.setattr(B, "matmul", counting("matmul", B.matmul))
+    monkeypatch.setattr(B, "dense", counting("matmul", B.dense))  # Dense with a fused activation
     monkeypatch.setattr(B, "conv2d", counting("conv2d", B.conv2d))
     _abstract_apply(model, variables, shape, train=False)
 

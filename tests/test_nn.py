@@ -188,10 +188,10 @@ def test_conv_int_kernel_size_is_1d_as_in_flax():
 
 
 def test_fields_and_auto_names_are_flaxs():
-    for ours, theirs in ((fnx.Dense, fnn.Dense), (fnx.Conv, fnn.Conv)):
+    for ours, theirs, extra in ((fnx.Dense, fnn.Dense, ["backend", "activation"]), (fnx.Conv, fnn.Conv, ["backend"])):
         assert issubclass(ours, theirs)
         names = [f.name for f in dataclasses.fields(ours)]
-        assert names == [f.name for f in dataclasses.fields(theirs)][:-2] + ["backend", "parent", "name"]
+        assert names == [f.name for f in dataclasses.fields(theirs)][:-2] + extra + ["parent", "name"]
 
     class Net(fnn.Module):
         @fnn.compact
@@ -531,3 +531,40 @@ def test_default_backend_none_falls_through():
         with fnx.default_backend(None):
             assert fnx.resolve() == "xla"
         assert fnx.resolve() == "pallas"
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_exact"])
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_dense_activation_is_flax_dense_then_the_activation(activation, backend):
+    """``Dense(n, activation=a)`` has flax Dense's params and equals ``a(flax Dense(x))``, values and grads;
+    on pallas the bias and activation run in the matmul kernel's epilogue (one fused kernel call)."""
+    act = {"relu": fnn.relu, "gelu": fnn.gelu, "gelu_exact": lambda y: fnn.gelu(y, approximate=False)}[activation]
+    x = _x((3, 5, 12))
+    ours, ref = fnx.Dense(20, activation=activation, backend=backend), fnn.Dense(20)
+    params = ours.init(KEY, x)
+    _same_tree(params, ref.init(KEY, x))
+    with B.record_ops() as calls:
+        y = ours.apply(params, x)
+    assert [(op, name, info.get("epilogue")) for op, name, info in calls] == [("matmul", backend, (True, activation))]
+    np.testing.assert_allclose(y, act(ref.apply(params, x)), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))  # noqa: E731
+    got = jax.grad(loss(lambda p: ours.apply(p, x)))(params)
+    want = jax.grad(loss(lambda p: act(ref.apply(p, x))))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_activation_with_a_precision_runs_flax_dense_then_the_activation():
+    x = _x((4, 6))
+    ours = fnx.Dense(3, activation="relu", precision="highest", backend="pallas")
+    params = ours.init(KEY, x)
+    with B.record_ops() as calls:
+        y = ours.apply(params, x)
+    # flax's own Dense path (it passes the precision to dot_general), then the activation: no fused epilogue
+    assert [(name, info.get("epilogue")) for _, name, info in calls] == [("pallas", None)]
+    np.testing.assert_allclose(y, fnn.relu(fnn.Dense(3, precision="highest").apply(params, x)), rtol=1e-6)
+
+
+def test_dense_rejects_an_unknown_activation():
+    with pytest.raises(ValueError, match="activation 'tanh' is unknown"):
+        fnx.Dense(3, activation="tanh").init(KEY, _x((2, 4)))

@@ -30,7 +30,7 @@ class CNN(nn.Module):
             x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(Dense(4 * self.width, dtype=self.dtype, name="hidden")(x))
+        x = Dense(4 * self.width, dtype=self.dtype, activation="relu", name="hidden")(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
@@ -47,6 +47,6 @@ class MLP(nn.Module):
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype).reshape((x.shape[0], -1))
         for i in range(2):
-            x = nn.relu(Dense(self.width, dtype=self.dtype, name=f"hidden{i}")(x))
+            x = Dense(self.width, dtype=self.dtype, activation="relu", name=f"hidden{i}")(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return Dense(self.num_classes, dtype=self.dtype, name="head")(x)

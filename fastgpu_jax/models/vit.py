@@ -106,7 +106,7 @@ class MlpBlock(nn.Module):
         dense = functools.partial(Dense, dtype=self.dtype, kernel_init=_xavier,
                                   bias_init=nn.initializers.normal(stddev=1e-6))
         drop = nn.Dropout(self.dropout_rate, deterministic=not train)
-        y = nn.gelu(dense(self.mlp_dim, name="fc1")(x), approximate=False)
+        y = dense(self.mlp_dim, activation="gelu_exact", name="fc1")(x)  # fused epilogue under pallas
         y = drop(y)
         return drop(dense(x.shape[-1], name="fc2")(y))
 

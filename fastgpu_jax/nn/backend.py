@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import importlib
 from typing import Any, Callable, Iterator
 
@@ -85,7 +86,9 @@ def resolve(module_backend: str | None = None) -> str:
 
 
 def register(op: str, backend: str, fn: Callable, auto_rule: Callable[..., bool] | None = None) -> None:
-    """Installs ``fn`` as ``op`` on ``backend``; ``auto_rule(**shapes)`` says where it is faster."""
+    """Installs ``fn`` as ``op`` on ``backend``; ``auto_rule(**shapes)`` says where it is faster.
+    A "matmul" ``fn(x, kernel, *, precision, preferred_element_type, bias, activation)`` also applies the
+    epilogue of ``dense`` (bias None or (N,), activation None or a key of ``ACTIVATIONS``)."""
     if op not in _IMPLS:
         raise ValueError(f"op {op!r} is unknown; ops: {', '.join(OPS)}")
     _IMPLS[op][backend] = fn
@@ -104,13 +107,14 @@ def _load_kernels() -> None:
     pk_conv2d = importlib.import_module("fastgpu_jax.pallas_kernels.conv2d")
     tuning = importlib.import_module("fastgpu_jax.pallas_kernels.tuning")
 
-    def pallas_matmul(x, kernel, *, precision=None, preferred_element_type=None):
-        return pk_matmul.matmul(x, kernel, out_dtype=preferred_element_type)
+    def pallas_matmul(x, kernel, *, precision=None, preferred_element_type=None, bias=None, activation=None):
+        return pk_matmul.matmul(x, kernel, bias, activation, out_dtype=preferred_element_type)
 
     def pallas_conv2d(x, kernel, **kwargs):
         return pk_conv2d.conv2d(x, kernel, **kwargs)
 
-    def matmul_faster(shape, dtype):
+
+    def matmul_faster(shape, dtype, **_):
         (x_shape, (k, n)) = shape
         m = 1
         for d in x_shape[:-1]:
@@ -235,9 +239,18 @@ def _canonical_padding(padding) -> Any:
 
 # --- XLA implementations: exactly what flax.linen.Dense / flax.linen.Conv compute. ---------------------
 
-def _xla_matmul(x, kernel, *, precision=None, preferred_element_type=None):
-    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                           precision=precision, preferred_element_type=preferred_element_type)
+# The activations a matmul op can fuse (``dense``): the epilogue of ``fg.nn.Dense(..., activation=...)``.
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu_exact": functools.partial(jax.nn.gelu, approximate=False)}
+
+
+def _xla_matmul(x, kernel, *, precision=None, preferred_element_type=None, bias=None, activation=None):
+    """flax's Dense (dot_general, then the bias broadcast over the last axis), then the activation."""
+    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                        precision=precision, preferred_element_type=preferred_element_type)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return ACTIVATIONS[activation](y) if activation else y
 
 
 def _xla_conv2d(x, kernel, *, strides, padding, dilation, feature_group_count=1, precision=None,
@@ -269,6 +282,25 @@ def matmul(x, kernel, *, backend: str | None = None, **kwargs):
     unsupported = _matmul_unsupported(x, kernel, kwargs.get("preferred_element_type"))
     name = _choose("matmul", backend, unsupported, {"shape": (x.shape, kernel.shape), "dtype": x.dtype})
     return _run(_IMPLS["matmul"][name], name, x, kernel, **kwargs)
+
+
+def dense(x, kernel, bias=None, activation: str | None = None, *, backend: str | None = None):
+    """``act(x @ kernel + bias)``: the ``matmul`` op with its epilogue. On ``pallas`` the bias and activation
+    are fused into the matmul kernel (and its backward computes act' inside the gradient kernels), so the
+    pre-activation never makes a round trip through HBM; on XLA it is flax's Dense then the activation.
+    ``activation``: None or a key of ``ACTIVATIONS``."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"dense activation {activation!r} is unknown; use one of {sorted(ACTIVATIONS)}")
+    unsupported = _matmul_unsupported(x, kernel)
+    if unsupported is None and bias is not None and bias.dtype != x.dtype:
+        unsupported = f"bias dtype {bias.dtype} differs from input dtype {x.dtype}"
+    name = _choose("matmul", backend, unsupported, {"shape": (x.shape, kernel.shape), "dtype": x.dtype,
+                                                    "epilogue": (bias is not None, activation)})
+    impl = _IMPLS["matmul"][name]
+    if name == "pallas":  # per batch shard under fsdp: kernel and bias enter whole, their grads are summed
+        return per_shard.run(lambda x, kb, **kw: impl(x, kb[0], bias=kb[1], **kw), x, (kernel, bias),
+                             activation=activation)
+    return impl(x, kernel, bias=bias, activation=activation)
 
 
 def conv2d(x, kernel, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_group_count=1,

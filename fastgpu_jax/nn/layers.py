@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from fastgpu_jax.nn import backend as _backend
 
@@ -33,13 +35,31 @@ def _bind_default_op(module: nn.Module, field: str, fn: Callable) -> None:
 
 class Dense(nn.Dense):
     """``flax.linen.Dense`` (``y = x @ kernel + bias`` over the last axis) whose matmul runs on the
-    resolved backend; ``backend=`` ("xla" | "pallas" | "auto" | None) overrides it for this layer."""
+    resolved backend; ``backend=`` ("xla" | "pallas" | "auto" | None) overrides it for this layer.
+
+    ``activation`` (None | "relu" | "gelu" | "gelu_exact", i.e. ``jax.nn.relu``, ``jax.nn.gelu`` with
+    approximate True / False) is applied to the output: ``Dense(n, activation="relu")(x)`` equals
+    ``nn.relu(Dense(n)(x))`` with the same params, and on the ``pallas`` backend bias and activation run in
+    the matmul kernel's epilogue (``nn.backend.dense``), forward and backward."""
 
     backend: str | None = None
+    activation: str | None = None
 
     def __post_init__(self):
         _bind_default_op(self, "dot_general", _backend.dot_general)
         super().__post_init__()
+
+    @nn.compact
+    def __call__(self, inputs):
+        fusable = (isinstance(self.dot_general, _backend.LayerOp) and self.dot_general_cls is None
+                   and self.precision is None)
+        if self.activation is None or not fusable:
+            y = super().__call__(inputs)  # flax's own path (a user's dot_general or a precision included)
+            return _backend.ACTIVATIONS[self.activation](y) if self.activation else y
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        return _backend.dense(inputs, kernel, bias, self.activation, backend=self.backend)
 
 
 class Conv(nn.Conv):

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from fastgpu_jax.pallas_kernels import tuning
 from fastgpu_jax.pallas_kernels.lowering import div_mod, launch, pad_axis
 
-ACTIVATIONS = (None, "relu", "gelu")
+ACTIVATIONS = (None, "relu", "gelu", "gelu_exact")  # gelu: tanh form (flax's default); gelu_exact: erf form
 GROUP_M = 8  # tile rows per program group (L2 reuse)
 SPLIT_TARGET = 264  # programs wanted per launch: two waves of an H100's 132 SMs
 MIN_SPLIT_STEPS = 1  # a split reduces over at least this many blocks
@@ -47,11 +47,30 @@ _TN = (((0,), (0,)), ((), ()))  # (m, k)ᵀ @ (m, n)
 
 # --- helpers shared with conv2d --------------------------------------------------------------------------
 
+_SQRT_HALF = 0.7071067811865476
+# erf(x) = x * P(x²) / Q(x²) on [-4, 4] (Eigen's and XLA's float32 approximation, a few ulp): the Triton
+# lowering has no erf, and ViT's MLP uses the exact (erf) GELU.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _erf(x):
+    x = jnp.clip(x, -4.0, 4.0)
+    x2 = x * x
+    p = functools.reduce(lambda acc, c: acc * x2 + c, _ERF_P[1:], jnp.full_like(x, _ERF_P[0]))
+    q = functools.reduce(lambda acc, c: acc * x2 + c, _ERF_Q[1:], jnp.full_like(x, _ERF_Q[0]))
+    return x * p / q
+
+
 def activate(z, activation):
     if activation == "relu":
         return jnp.maximum(z, 0.0)
     if activation == "gelu":
         return jax.nn.gelu(z, approximate=True)  # flax.linen.gelu's default
+    if activation == "gelu_exact":
+        return 0.5 * z * (1.0 + _erf(z * _SQRT_HALF))
     return z
 
 
@@ -65,6 +84,9 @@ def act_grad(dy, saved, activation):
         c = 0.7978845608028654  # sqrt(2 / pi)
         t = jnp.tanh(c * (z + 0.044715 * z * z * z))
         return dy * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z))
+    if activation == "gelu_exact":
+        z = saved.astype(jnp.float32)
+        return dy * (0.5 * (1.0 + _erf(z * _SQRT_HALF)) + z * jnp.exp(-0.5 * z * z) * 0.3989422804014327)
     return dy
 
 
@@ -183,7 +205,7 @@ def _forward(a, b, bias, activation, out_dtype, blocks, interpret):
     if bias is not None:
         args.append(pad_axis(bias.reshape(1, n), 1, bl.block_n))
         in_specs.append(((1, bl.block_n), lambda i, j: (0, j)))
-    save_z = activation == "gelu"
+    save_z = activation in ("gelu", "gelu_exact")
     kernel = functools.partial(_forward_kernel, bk=bl.block_k, activation=activation,
                                has_bias=bias is not None, save_z=save_z)
     outs, split = _tile_launch(kernel, "matmul_fwd", args, in_specs, [out_dtype] * (2 if save_z else 1), mp, np_,
@@ -248,7 +270,7 @@ def _matmul2d_fwd(a, b, bias, activation, out_dtype, blocks, interpret):
     need_a, need_b = a.perturbed, b.perturbed
     a, b, bias = a.value, b.value, unwrap(bias)
     y, z = _forward(a, b, bias, activation, out_dtype, blocks, interpret)
-    saved = {"relu": y, "gelu": z}.get(activation)
+    saved = y if activation == "relu" else z
     return y, (a if need_b else None, b if need_a else None, bias, saved)
 
 
@@ -268,7 +290,8 @@ _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd, symbolic_zeros=True)
 
 def matmul(a, b, bias=None, activation=None, *, out_dtype=None, blocks: tuning.MatmulBlocks | None = None,
            interpret: bool | None = None):
-    """``act(a @ b + bias)`` for a (..., K), b (K, N), bias (N,) or None; activation None | "relu" | "gelu".
+    """``act(a @ b + bias)`` for a (..., K), b (K, N), bias (N,) or None; activation one of ``ACTIVATIONS``
+    (``jax.nn.relu``, ``jax.nn.gelu`` with approximate=True and with approximate=False).
 
     Inputs are promoted to a common dtype (float32 or bfloat16 are the tuned cases); accumulation is float32;
     the result has ``out_dtype`` (default: the input dtype). Leading batch dims of ``a`` are flattened into M.
