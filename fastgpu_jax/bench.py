@@ -179,6 +179,80 @@ def run_kernel_benchmarks(*, tiny: bool | None = None, iters: int | None = None,
     return rows
 
 
+# --- roofline of a model's kernels ----------------------------------------------------------------------
+
+def _pass_fns(k, dtype):
+    """{impl: (fn, args)} timing one pass of one layer on XLA and on Pallas."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(2), 3)
+    x = jax.random.normal(kx, k.x_shape, dtype)
+    w = jax.random.normal(kw, k.w_shape, dtype) * 0.05
+    dy = jax.random.normal(kg, k.out_shape, dtype)
+    if k.op == "matmul":
+        impls = {"xla": lambda x, w: x @ w, "pallas": lambda x, w: pallas_matmul(x, w)}
+    else:
+        kwargs = {"strides": k.strides, "padding": k.padding, "dilation": (1, 1)}
+        impls = {"xla": lambda x, w: backend._xla_conv2d(x, w, **kwargs),
+                 "pallas": lambda x, w: pallas_conv2d(x, w, **kwargs)}
+    if k.kind == "fwd":
+        return {n: (f, (x, w)) for n, f in impls.items()}
+    if k.kind == "dgrad":
+        return {n: ((lambda f: lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy))(f), (x, w, dy))
+                for n, f in impls.items()}
+    return {n: ((lambda f: lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy))(f), (x, w, dy))
+            for n, f in impls.items()}
+
+
+def run_roofline(model: str, *, batch: int = 256, dtype=jnp.bfloat16, iters: int = 20, measure: bool | None = None,
+                 json_path: str | None = None) -> list[dict]:
+    """Per distinct kernel of ``model``'s train step: GFLOP, minimum HBM MB, the H100 roofline time and, on a
+    GPU (``measure``), XLA's and Pallas's measured times and the fraction of the roofline each reaches."""
+    from fastgpu_jax import roofline
+
+    measure = jax.default_backend() == "gpu" if measure is None else measure
+    rows = []
+    for k in roofline.model_kernel_shapes(model, batch):
+        row = dict(layer=k.layer, op=k.op, kind=k.kind, count=k.count, gflop=k.flops / 1e9,
+                   min_mb=k.min_bytes(jnp.dtype(dtype).itemsize) / 1e6, roofline_us=k.roofline_s(dtype) * 1e6)
+        if measure:
+            fns = _pass_fns(k, dtype)
+            for impl, (fn, args) in fns.items():
+                row[f"{impl}_us"] = tuning.time_fn(jax.jit(fn), *args, warmup=1, iters=iters) * 1e6
+                row[f"{impl}_of_roofline"] = row["roofline_us"] / row[f"{impl}_us"]
+        rows.append(row)
+    print(f"roofline: {model} train-step kernels, batch {batch}, {jnp.dtype(dtype).name}; H100 SXM peaks "
+          f"{roofline.H100}; device {jax.devices()[0].device_kind}" + ("" if measure else " (predicted only)"))
+    print(format_roofline(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"model": model, "batch": batch, "dtype": jnp.dtype(dtype).name, "jax": jax.__version__,
+                       "device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
+    return rows
+
+
+def format_roofline(rows: list[dict]) -> str:
+    measured = "xla_us" in (rows[0] if rows else {})
+    head = f"{'layer':<30} {'pass':<5} {'n':>2} {'GFLOP':>8} {'min MB':>8} {'roof us':>8}"
+    if measured:
+        head += f" {'XLA us':>8} {'Pallas us':>9} {'XLA/roof':>8} {'Pal/roof':>8} {'Pal/XLA':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = (f"{r['op'][0] + ' ' + r['layer']:<30} {r['kind']:<5} {r['count']:>2} {r['gflop']:>8.2f} "
+                f"{r['min_mb']:>8.1f} {r['roofline_us']:>8.1f}")
+        if measured:
+            line += (f" {r['xla_us']:>8.1f} {r['pallas_us']:>9.1f} {r['xla_of_roofline']:>8.2f} "
+                     f"{r['pallas_of_roofline']:>8.2f} {r['xla_us'] / r['pallas_us']:>7.2f}")
+        lines.append(line)
+    total = sum(r["roofline_us"] * r["count"] for r in rows)
+    lines.append(f"step total (x count): roofline {total / 1e3:.2f} ms" + (
+        f", XLA {sum(r['xla_us'] * r['count'] for r in rows) / 1e3:.2f} ms, Pallas "
+        f"{sum(r['pallas_us'] * r['count'] for r in rows) / 1e3:.2f} ms" if measured else ""))
+    if measured:
+        for op, kind in sorted({(r["op"], r["kind"]) for r in rows}):
+            sel = [r["xla_us"] / r["pallas_us"] for r in rows if (r["op"], r["kind"]) == (op, kind)]
+            lines.append(f"{op} {kind}: Pallas/XLA speed geomean {geomean(sel):.2f} over {len(sel)} shapes")
+    return "\n".join(lines)
+
+
 # --- model step benchmark: examples/s, scaling over device counts, FLOPs and MFU --------------------------
 
 # Dense bf16 peak FLOP/s per device, for MFU.

@@ -8,6 +8,7 @@
     fastgpu-jax predict --workdir runs/photos --input cat.jpg photos/ [--top-k 3]  # image files: class names
     fastgpu-jax plot    --workdir runs/digits                         # writes runs/digits/curves.png
     fastgpu-jax bench   --kernels [--tiny] [--json out.json]          # Pallas vs XLA TFLOP/s table
+    fastgpu-jax bench   --kernels --model resnet50|vit_b16           # roofline of a train step's kernels
     fastgpu-jax bench   --config configs/folder_resnet18.py --data [--workers 0,1,2,4]  # input pipeline img/s
     fastgpu-jax quantize --workdir runs/digits [--calibrate-batches 4]  # int8 PTQ; last line: one JSON object
     fastgpu-jax export  --workdir runs/digits --output model.msgpack [--bench]  # one-file params + config
@@ -92,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tiny", action="store_true", default=None, help="small shapes (default on CPU)")
     b.add_argument("--iters", type=int, default=None)
     b.add_argument("--ops", default="matmul,conv", help="comma list of matmul, conv")
+    b.add_argument("--model", choices=("resnet50", "vit_b16"), default=None,
+                   help="with --kernels: the roofline of this model's train-step kernels (FLOPs, minimum HBM "
+                        "bytes, H100 roofline time; measured XLA and Pallas times on a GPU)")
+    b.add_argument("--batch", type=int, default=256, help="batch size for --kernels --model")
+    b.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="for --kernels --model")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
     q = sub.add_parser("quantize", help="int8 post-training quantization of the newest checkpoint: writes "
@@ -177,6 +183,9 @@ def _run(args, extra: list[str]) -> int:
             from fastgpu_jax.inference import benchmark_inference
 
             benchmark_inference(args.inference, iters=args.steps)
+        elif args.kernels and args.model:
+            bench.run_roofline(args.model, batch=args.batch, dtype=args.dtype, iters=args.iters or 20,
+                               json_path=args.json)
         elif args.kernels:
             bench.run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json, ops=split(args.ops))
         elif args.data:

@@ -198,6 +198,11 @@ def load_table(path: str) -> None:
         rows = json.load(f)
     for row in rows.get("blocks", []):
         cls = MatmulBlocks if row["op"] == "matmul" else ConvBlocks
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if set(row["blocks"]) - set(fields):
+            raise ValueError(f"tuning table {path}: {row['op']} blocks {sorted(row['blocks'])} are not "
+                             f"{cls.__name__} fields {fields} (tables from before the conv redesign used "
+                             f"block_w; write them again with save_table)")
         for dt in [row["dtype"]] if "dtype" in row else [_B, _F]:  # a row without a dtype serves both
             _LOADED[(row["kind"], row["op"], row["shape_class"], dt)] = cls(**row["blocks"])
     for row in rows.get("faster_than_xla", []):

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One GPU run does it all: the kernel tests on the GPU (TF32-aware f32 tolerances), the roofline of the
+# ResNet-50 and ViT-B/16 train-step kernels with XLA and Pallas measured, the Pallas-vs-XLA kernel sweep, and
+# the ResNet-50 and ViT-B/16 train-step benches for model.backend xla, pallas and auto. Every result goes to
+# OUT (JSON + the printed tables in *.txt); copy the figures into BENCHMARKS.md with the date, GPU and jax.
+#
+#   bash benchmarks/gpu_suite.sh [OUT] [--dry-run]
+#
+# For a GPU machine with jax (CUDA) preinstalled and no package index: wheels it lacks are installed from
+# ./device-wheels when present (made beforehand with the shared device-wheels.sh; jax is never reinstalled).
+# --dry-run (any machine): prints every step and runs the CPU-possible ones: the kernel tests (interpret
+# mode), the predicted roofline columns, and the sweep and model benches at tiny sizes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=gpu-suite-out
+dry=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) dry=1 ;;
+    -*) echo "gpu_suite.sh: unknown option $arg (use [OUT] [--dry-run])" >&2; exit 2 ;;
+    *) out=$arg ;;
+  esac
+done
+mkdir -p "$out"
+py=${PYTHON:-python}
+
+step() {  # step NAME CMD...: runs CMD, tee'd to OUT/NAME.txt; a failing step is reported, the suite goes on
+  local name=$1; shift
+  echo "== $name: $*" | tee "$out/$name.txt"
+  if "$@" 2>&1 | tee -a "$out/$name.txt"; then echo "ok" >>"$out/$name.txt"; else echo "FAILED: $name" | tee -a "$out/failed.txt"; fi
+}
+
+if [ "$dry" = 0 ] && ! "$py" -c "import grain, ml_collections, fastgpu_jax" 2>/dev/null; then
+  if [ -d device-wheels ]; then
+    "$py" -m pip install -q --no-index --no-deps device-wheels/*.whl
+  fi
+  "$py" -m pip install -q --no-deps -e .
+fi
+"$py" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$out/env.txt"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$out/env.txt"
+
+if [ "$dry" = 1 ]; then
+  tiny=(--tiny --iters 1)
+  step kernel_tests "$py" -m pytest -q -x tests/test_matmul_kernel.py tests/test_conv2d_kernel.py -k "lower or split or routes"
+else
+  tiny=()
+  step kernel_tests "$py" -m pytest -q tests/test_matmul_kernel.py tests/test_conv2d_kernel.py
+fi
+for model in resnet50 vit_b16; do
+  step "roofline_$model" "$py" -m fastgpu_jax bench --kernels --model "$model" --json "$out/roofline_$model.json"
+done
+step kernel_sweep "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" --json "$out/kernel_sweep.json"
+if [ "$dry" = 1 ]; then
+  echo "== (dry run) the train-step benches would run:" | tee "$out/steps.txt"
+  for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
+    echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends xla,pallas,auto --steps 20 --json $out/steps_$cfg.json" | tee -a "$out/steps.txt"
+  done
+else
+  for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
+    step "steps_$cfg" "$py" -m fastgpu_jax bench --config "configs/$cfg.py" --backends xla,pallas,auto --steps 20 \
+      --json "$out/steps_$cfg.json"
+  done
+fi
+echo "gpu_suite: results in $out/"
+if [ -f "$out/failed.txt" ]; then cat "$out/failed.txt"; exit 1; fi
