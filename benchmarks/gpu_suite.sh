@@ -27,7 +27,11 @@ py=${PYTHON:-python}
 step() {  # step NAME CMD...: runs CMD, tee'd to OUT/NAME.txt; a failing step is reported, the suite goes on
   local name=$1; shift
   echo "== $name: $*" | tee "$out/$name.txt"
-  if "$@" 2>&1 | tee -a "$out/$name.txt"; then echo "ok" >>"$out/$name.txt"; else echo "FAILED: $name" | tee -a "$out/failed.txt"; fi
+  if "$@" 2>&1 | tee -a "$out/$name.txt"; then
+    echo "ok" >>"$out/$name.txt"
+  else
+    echo "FAILED: $name" | tee -a "$out/failed.txt"
+  fi
 }
 
 if [ "$dry" = 0 ] && ! "$py" -c "import grain, ml_collections, fastgpu_jax" 2>/dev/null; then
@@ -37,11 +41,14 @@ if [ "$dry" = 0 ] && ! "$py" -c "import grain, ml_collections, fastgpu_jax" 2>/d
   "$py" -m pip install -q --no-deps -e .
 fi
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$out/env.txt"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$out/env.txt"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$out/env.txt"
+fi
 
 if [ "$dry" = 1 ]; then
   tiny=(--tiny --iters 1)
-  step kernel_tests "$py" -m pytest -q -x tests/test_matmul_kernel.py tests/test_conv2d_kernel.py -k "lower or split or routes"
+  step kernel_tests "$py" -m pytest -q -x tests/test_matmul_kernel.py tests/test_conv2d_kernel.py \
+    -k "lower or split or routes"
 else
   tiny=()
   step kernel_tests "$py" -m pytest -q tests/test_matmul_kernel.py tests/test_conv2d_kernel.py
@@ -53,7 +60,8 @@ step kernel_sweep "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" --json "$out
 if [ "$dry" = 1 ]; then
   echo "== (dry run) the train-step benches would run:" | tee "$out/steps.txt"
   for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
-    echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends xla,pallas,auto --steps 20 --json $out/steps_$cfg.json" | tee -a "$out/steps.txt"
+    echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends xla,pallas,auto --steps 20" \
+      "--json $out/steps_$cfg.json" | tee -a "$out/steps.txt"
   done
 else
   for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do

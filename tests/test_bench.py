@@ -8,6 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from conftest import ROOT
 from fastgpu_jax import bench, models
 
 
@@ -105,3 +106,38 @@ def test_bench_data_times_the_configs_own_pipeline_per_worker_count(tmp_path, ca
         bench_data.run_data_benchmark(fg.load_config(DIGITS), step=False)
     assert cli.main(["bench", "--kernels", "--data"]) == 2
     assert "give --config FILE" in capsys.readouterr().err
+
+
+def test_roofline_counts_resnet50_as_torchvision_does():
+    """The forward kernels of ResNet-50 at 224x224 are 4.09 GMACs per image: torchvision's published figure
+    for resnet50 (ResNet50_Weights.IMAGENET1K_V1, "GFLOPS 4.09", counted as multiply-adds)."""
+    from fastgpu_jax import roofline
+
+    shapes = roofline.model_kernel_shapes("resnet50", batch=1)
+    fwd_macs = sum(k.flops / 2 * k.count for k in shapes if k.kind == "fwd")
+    assert abs(fwd_macs / 4.09e9 - 1) < 0.01
+    assert {k.kind for k in shapes} == {"fwd", "dgrad", "wgrad"}
+    assert sum(k.count for k in shapes if k.kind == "fwd") == 54  # 53 convs + the classifier
+    assert sum(k.count for k in shapes if k.kind == "dgrad") == 53  # no input gradient for the image
+    k = next(k for k in shapes if k.op == "matmul")
+    assert k.roofline_s(jnp.bfloat16) == max(k.flops / 989e12, k.min_bytes(2) / 3.35e12)
+
+
+def test_sm90_capture_records_every_tuning_entry_with_its_padding(tmp_path):
+    """The offline Hopper check's first step (the second needs triton, not a dependency): every H100 tuning
+    entry lowers for CUDA from this CPU machine, forward and backward, with the grid and MAC counts."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("sm90_check", os.path.join(ROOT, "benchmarks", "sm90_check.py"))
+    sm90 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm90)
+    sm90.capture(str(tmp_path), ["table"], batch=256)
+    index = json.loads((tmp_path / "table" / "index.json").read_text())
+    kernels = {e["kernel"] for e in index}
+    assert kernels == {"matmul_fwd", "matmul_grad_a", "matmul_grad_b", "conv2d_fwd", "conv2d_wgrad"}
+    for e in index:
+        assert (tmp_path / "table" / e["file"]).read_text().startswith("module")
+        useful, executed = e["macs"]
+        assert 0 < useful <= executed and 1 - useful / executed <= sm90.MAX_PADDING
+        assert e["grid"][0] * e["grid"][1] * e["grid"][2] >= sm90.H100_SMS

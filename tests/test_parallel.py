@@ -52,23 +52,19 @@ def one_device_cnn(tmp_path_factory):
     return workdir, train_losses(str(workdir))
 
 
-@pytest.mark.parametrize("model", ["cnn", "resnet"])
-def test_dp_fsdp_pmap_follow_the_single_device_curve(model, tmp_path, request):
-    # The cnn's reference is the shared in-process run; the resnet's is trained by the worker (strategy none).
-    strategies = "dp,fsdp,pmap" if model == "cnn" else "none,dp,fsdp,pmap"
-    proc = subprocess.run([sys.executable, WORKER, str(tmp_path), model, strategies], env=_env(8),
+# The cnn (dropout on) runs dp, pmap and fsdp on 2 and 4 devices below; on all 8 devices the resnet (BatchNorm,
+# every conv kind) runs all three. Running the cnn on 8 as well cost ~110 s of suite time for no new path.
+def test_dp_fsdp_pmap_follow_the_single_device_curve(tmp_path):
+    # The reference is trained by the worker too (strategy none), on one of the 8 devices.
+    proc = subprocess.run([sys.executable, WORKER, str(tmp_path), "resnet", "none,dp,fsdp,pmap"], env=_env(8),
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curves = json.loads(proc.stdout.strip().splitlines()[-1])
-    if model == "cnn":
-        ref_dir, curves["none"] = request.getfixturevalue("one_device_cnn")
-    else:
-        ref_dir = tmp_path / f"{model}-none"
     assert len(curves["none"]) == 20
     for strategy in ("dp", "fsdp", "pmap"):
         assert _max_rel(curves[strategy], curves["none"]) < 1e-5, strategy
-        assert _params_rel(tmp_path / f"{model}-{strategy}", ref_dir) < 1e-4, strategy
-    info = json.loads((tmp_path / f"{model}-fsdp" / "config.json").read_text())
+        assert _params_rel(tmp_path / f"resnet-{strategy}", tmp_path / "resnet-none") < 1e-4, strategy
+    info = json.loads((tmp_path / "resnet-fsdp" / "config.json").read_text())
     assert info["mesh"] == {"data": 1, "fsdp": 8, "model": 1} and len(info["devices"]) == 8
 
 

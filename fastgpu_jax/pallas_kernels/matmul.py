@@ -175,8 +175,9 @@ def _grad_b_kernel(a_ref, dy_ref, *refs, bm, steps, per, activation):
 def _tile_launch(kernel, name, args, in_specs, out_dtypes, out_rows, out_cols, bl, steps, interpret, useful):
     """Launches ``kernel`` over output tiles (bl.block_m x bl.block_n of an out_rows x out_cols output) in
     grouped order, split over the reduction when the tiles are few. ``in_specs`` are functions of the tile
-    (i, j) giving block indices; ``useful`` counts the multiply-adds of the unpadded problem. Returns (outputs, split): the finished tiles, or (split=True) the float32
-    sum of the partials, to which the caller applies any epilogue."""
+    (i, j) giving block indices; ``useful`` counts the multiply-adds of the unpadded problem. Returns
+    (outputs, split): the finished tiles, or (split=True) the float32 sum of the partials, to which the
+    caller applies any epilogue."""
     tm, tn = out_rows // bl.block_m, out_cols // bl.block_n
     splits, per = splits_for(tm * tn, steps)
     specs = [pl.BlockSpec(shape, lambda p, s, f=f: f(*grouped(p, tm, tn))) for shape, f in in_specs]
