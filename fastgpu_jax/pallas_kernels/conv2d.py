@@ -51,6 +51,7 @@ from fastgpu_jax.pallas_kernels.lowering import div_mod, interpret_default, laun
 from fastgpu_jax.pallas_kernels.matmul import grouped, matmul, reduce_steps, splits_for
 
 GATHER_MIN_CIN = 16  # below this, the conv is unfolded into a matmul (the RGB stem)
+SMEM_BUDGET = 200 * 1024  # pipelined operand tiles per program, under an H100 block's 227 KB
 _TN = (((0,), (0,)), ((), ()))  # (p, k)ᵀ @ (p, n)
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -100,14 +101,18 @@ def _forward_kernel(x_ref, w_ref, o_ref, *, geo: _Geometry, tiles: tuple[int, in
 
 
 def _wgrad_kernel(x_ref, g_ref, o_ref, *, geo: _Geometry, cblocks: int, couts: int, bp: int, steps: int,
-                  per: int):
+                  per: int, dy_t: bool):
     """dw partial [tap, cin-block, cout-block] = Σ_pixels x[base[p] + offset[tap], cin-block]ᵀ · dy[p, cout-block]
-    over this program's split of the pixel blocks (pixels past N*OH*OW have zero dy rows)."""
+    over this program's split of the pixel blocks (pixels past N*OH*OW have zero dy rows). With ``dy_t``
+    (float32) dy arrives transposed, (Cout, pixels), and the tile computed is dwᵀ = dyᵀ · x: Hopper's TF32
+    wgmma takes its A operand only K-major, and pixel-major x or dy would fall back to mma.sync."""
     off = geo.offset(div_mod(div_mod(pl.program_id(0), couts)[0], cblocks)[0])
 
     def step(q):
         p0 = pl.multiple_of(q * bp, bp)
         a = x_ref[geo.base(p0 + lax.iota(jnp.int32, bp)) + off, :]
+        if dy_t:
+            return jnp.dot(g_ref[:, pl.ds(p0, bp)], a, preferred_element_type=jnp.float32)
         return lax.dot_general(a, g_ref[pl.ds(p0, bp), :], _TN, preferred_element_type=jnp.float32)
 
     o_ref[...] = reduce_steps(step, per, steps, o_ref.shape)
@@ -164,22 +169,33 @@ def _conv_wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
     kh, kw, cin, cout = w_shape
     b = blocks
     bk, bn, bp = b.block_k, b.block_n, b.block_m  # tile cin x cout; reduce block_m pixels per step
+    while bp > 32 and b.num_stages * bp * (bk + bn) * x.dtype.itemsize > SMEM_BUDGET:
+        bp //= 2  # f32 tiles of 128 pixels x (32 + 128) channels x 3 stages would need 240 KB
     cin_pad = round_up(cin, bk)
     xf, _ = _rows(x, pads, cin_pad)
     gf = pad_axis(pad_axis(g.reshape(geo.pixels, cout), 0, bp), 1, bn)
     cblocks, couts = cin_pad // bk, gf.shape[1] // bn
     tiles, steps = kh * kw * cblocks * couts, gf.shape[0] // bp
     splits, per = splits_for(tiles, steps)
-    kernel = functools.partial(_wgrad_kernel, geo=geo, cblocks=cblocks, couts=couts, bp=bp, steps=steps, per=per)
+    dy_t = x.dtype == jnp.float32  # see _wgrad_kernel: one XLA transpose of dy buys TF32 wgmma
+    kernel = functools.partial(_wgrad_kernel, geo=geo, cblocks=cblocks, couts=couts, bp=bp, steps=steps, per=per,
+                               dy_t=dy_t)
+    x_spec = pl.BlockSpec((xf.shape[0], bk), lambda p, s: (0, div_mod(div_mod(p, couts)[0], cblocks)[1]))
+    if dy_t:
+        gf = gf.T
+        g_spec = pl.BlockSpec((bn, gf.shape[1]), lambda p, s: (div_mod(p, couts)[1], 0))
+        out = jax.ShapeDtypeStruct((splits, gf.shape[0], kh * kw * cin_pad), jnp.float32)
+        out_spec = pl.BlockSpec((None, bn, bk), lambda p, s: (s, div_mod(p, couts)[1], div_mod(p, couts)[0]))
+    else:
+        g_spec = pl.BlockSpec((gf.shape[0], bn), lambda p, s: (0, div_mod(p, couts)[1]))
+        out = jax.ShapeDtypeStruct((splits, kh * kw * cin_pad, gf.shape[1]), jnp.float32)
+        out_spec = pl.BlockSpec((None, bk, bn), lambda p, s: (s, *div_mod(p, couts)))
     parts = launch(
-        kernel, out_shape=jax.ShapeDtypeStruct((splits, kh * kw * cin_pad, gf.shape[1]), jnp.float32),
-        grid=(tiles, splits),
-        in_specs=[pl.BlockSpec((xf.shape[0], bk), lambda p, s: (0, div_mod(div_mod(p, couts)[0], cblocks)[1])),
-                  pl.BlockSpec((gf.shape[0], bn), lambda p, s: (0, div_mod(p, couts)[1]))],
-        out_specs=pl.BlockSpec((None, bk, bn), lambda p, s: (s, *div_mod(p, couts))),
+        kernel, out_shape=out, grid=(tiles, splits), in_specs=[x_spec, g_spec], out_specs=out_spec,
         num_warps=b.num_warps, num_stages=b.num_stages, interpret=interpret, name="conv2d_wgrad",
-        macs=(geo.pixels * cout * kh * kw * cin, gf.shape[0] * gf.shape[1] * kh * kw * cin_pad))(xf, gf)
-    dw = parts.sum(axis=0).reshape(kh, kw, cin_pad, -1)[:, :, :cin, :cout]
+        macs=(geo.pixels * cout * kh * kw * cin, steps * bp * couts * bn * kh * kw * cin_pad))(xf, gf)
+    dw = parts.sum(axis=0)
+    dw = (dw.T if dy_t else dw).reshape(kh, kw, cin_pad, -1)[:, :, :cin, :cout]
     return dw.astype(x.dtype)
 
 

@@ -119,7 +119,7 @@ TABLE: dict[tuple[str, str, str, str], MatmulBlocks | ConvBlocks] = {
     ("default", "conv2d", "small", _F): ConvBlocks(64, 32, 16, 4, 2),
     ("H100", "conv2d", "large", _B): ConvBlocks(128, 128, 64, 8, 3),
     ("H100", "conv2d", "medium", _B): ConvBlocks(128, 64, 64, 4, 3),
-    ("H100", "conv2d", "small", _B): ConvBlocks(128, 64, 32, 4, 3),
+    ("H100", "conv2d", "small", _B): ConvBlocks(128, 64, 64, 4, 3),  # cin < 32 clamps block_k anyway
     ("H100", "conv2d", "large", _F): ConvBlocks(128, 128, 32, 8, 3),
     ("H100", "conv2d", "medium", _F): ConvBlocks(128, 64, 32, 4, 3),
     ("H100", "conv2d", "small", _F): ConvBlocks(128, 64, 32, 4, 3),
