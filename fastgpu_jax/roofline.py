@@ -35,6 +35,7 @@ class KernelShape:
     strides: tuple = (1, 1)
     padding: object = "SAME"
     count: int = 1  # identical layers in the model
+    activation: str | None = None  # a Dense's fused epilogue (``fg.nn.Dense(activation=...)``)
 
     @property
     def flops(self) -> float:
@@ -44,6 +45,17 @@ class KernelShape:
     def min_bytes(self, itemsize: int) -> float:
         x, w, y = (math.prod(s) for s in (self.x_shape, self.w_shape, self.out_shape))
         return float(x + w + y) * itemsize  # each pass reads two of these and writes the third
+
+    def epilogue_bytes_saved(self, itemsize: int) -> float:
+        """HBM bytes the fused bias + activation saves against a matmul kernel followed by an elementwise op.
+        Forward: unfused writes z, reads it back and writes y (gelu keeps z for the backward: one pass of
+        z is needed anyway; relu keeps y): 1 output-sized pass saved for gelu, 2 for relu. Input gradient:
+        unfused computes dz = dy * act'(saved) once (read dy, saved; write dz) and the gradient kernel reads
+        dz; fused reads dy and saved inside the kernel: 1 pass saved. Weight gradient: the same, 1 pass."""
+        if self.op != "matmul" or self.activation is None:
+            return 0.0
+        passes = {"fwd": 2 if self.activation == "relu" else 1, "dgrad": 1, "wgrad": 1}[self.kind]
+        return float(passes * math.prod(self.out_shape) * itemsize)
 
     def roofline_s(self, dtype, peaks: dict = H100) -> float:
         itemsize = jnp.dtype(dtype).itemsize
@@ -70,7 +82,7 @@ def model_kernel_shapes(name: str, batch: int = 256, image: int = 224, num_class
         if op == "matmul":
             w_shape = tuple(w_shape)
             out = x_shape[:-1] + (w_shape[-1],)
-            extra = {}
+            extra = {"activation": (info.get("epilogue") or (False, None))[1]}
             label = f"{math.prod(x_shape[:-1])}x{x_shape[-1]}->{w_shape[-1]}"
         else:
             strides, padding = tuple(info["strides"]), info["padding"]

@@ -141,3 +141,15 @@ def test_sm90_capture_records_every_tuning_entry_with_its_padding(tmp_path):
         useful, executed = e["macs"]
         assert 0 < useful <= executed and 1 - useful / executed <= sm90.MAX_PADDING
         assert e["grid"][0] * e["grid"][1] * e["grid"][2] >= sm90.H100_SMS
+
+
+def test_roofline_counts_the_bytes_the_fused_epilogue_saves():
+    """ViT-B/16's fc1 (Dense with exact gelu) is the one fused layer: one output-sized pass saved in each of
+    forward, input gradient and weight gradient, in each of the 12 blocks."""
+    from fastgpu_jax import roofline
+
+    shapes = roofline.model_kernel_shapes("vit_b16", batch=1)
+    fused = [k for k in shapes if k.activation]
+    assert {(k.activation, k.w_shape, k.count) for k in fused} == {("gelu_exact", (768, 3072), 12)}
+    saved = sum(k.epilogue_bytes_saved(2) * k.count for k in shapes)
+    assert saved == 3 * 12 * 197 * 3072 * 2
