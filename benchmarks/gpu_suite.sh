@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_suite.sh [OUT] [--dry-run]
 #
 # For a GPU machine with jax (CUDA) preinstalled and no package index: wheels it lacks are installed from
-# ./device-wheels when present (made beforehand with the shared device-wheels.sh; jax is never reinstalled).
+# ./device-wheels when present (made beforehand with the shared device-wheels.sh, plus pytest, pluggy and
+# iniconfig for the kernel tests; jax is never reinstalled).
 # --dry-run (any machine): prints every step and runs the CPU-possible ones: the kernel tests (interpret
 # mode), the predicted roofline columns, and the sweep and model benches at tiny sizes.
 set -euo pipefail
@@ -49,9 +50,13 @@ if [ "$dry" = 1 ]; then
   tiny=(--tiny --iters 1)
   step kernel_tests "$py" -m pytest -q -x tests/test_matmul_kernel.py tests/test_conv2d_kernel.py \
     -k "lower or split or routes"
-else
+elif "$py" -c "import pytest" 2>/dev/null; then
   tiny=()
   step kernel_tests "$py" -m pytest -q tests/test_matmul_kernel.py tests/test_conv2d_kernel.py
+else
+  tiny=()
+  echo "FAILED: kernel_tests (pytest is not installed: carry pytest, pluggy and iniconfig wheels in" \
+    "device-wheels/)" | tee -a "$out/failed.txt"
 fi
 for model in resnet50 vit_b16; do
   step "roofline_$model" "$py" -m fastgpu_jax bench --kernels --model "$model" --json "$out/roofline_$model.json"
