@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fastgpu_jax import models
+from fastgpu_jax import models, roofline
 from fastgpu_jax.nn import backend
 from fastgpu_jax.pallas_kernels import conv2d as pallas_conv2d, matmul as pallas_matmul, tuning
 
@@ -78,12 +78,20 @@ def resnet50_convs(batch: int = 256, image: int = 224) -> list[dict]:
     return out
 
 
-def _conv_out_hw(conv: dict) -> tuple[int, int]:
-    x = jax.ShapeDtypeStruct(conv["x"], jnp.bfloat16)
-    w = jax.ShapeDtypeStruct(conv["w"], jnp.bfloat16)
-    y = jax.eval_shape(lambda x, w: backend._xla_conv2d(x, w, strides=conv["strides"], padding=conv["padding"],
-                                                          dilation=(1, 1)), x, w)
-    return y.shape
+def _conv_impls(strides, padding) -> dict:
+    """{"xla": f, "pallas": f} computing one conv as f(x, w)."""
+    kwargs = {"strides": strides, "padding": padding, "dilation": (1, 1)}
+    return {"xla": lambda x, w: backend._xla_conv2d(x, w, **kwargs),
+            "pallas": lambda x, w: pallas_conv2d(x, w, **kwargs)}
+
+
+def _pass(kind: str, f: Callable) -> Callable:
+    """One pass of the op f(x, w) of a train step: "fwd" f(x, w); "dgrad" / "wgrad" (x, w, dy) -> dx / dw."""
+    if kind == "fwd":
+        return f
+    if kind == "dgrad":
+        return lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)
+    return lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)
 
 
 def _time_pair(make: Callable[[str], Callable], args: tuple, iters: int, label: str = "") -> tuple[float, float]:
@@ -125,25 +133,20 @@ def bench_convs(tiny: bool, iters: int) -> list[Row]:
         if (x_shape, w_shape, conv["strides"]) in done:  # shrinking can make two layers alike
             continue
         done.add((x_shape, w_shape, conv["strides"]))
-        out = _conv_out_hw(conv)
+        out = roofline.conv_out_shape(x_shape, w_shape, conv["strides"], conv["padding"])
         kx, kw, kg = jax.random.split(jax.random.PRNGKey(1), 3)
         x = jax.random.normal(kx, x_shape, jnp.bfloat16)
         w = jax.random.normal(kw, w_shape, jnp.bfloat16)
         dy = jax.random.normal(kg, out, jnp.bfloat16)
-        kwargs = {"strides": conv["strides"], "padding": conv["padding"], "dilation": (1, 1)}
-        impls = {"xla": lambda x, w: backend._xla_conv2d(x, w, **kwargs),
-                 "pallas": lambda x, w: pallas_conv2d(x, w, **kwargs)}
+        impls = _conv_impls(conv["strides"], conv["padding"])
         flops = 2.0 * math.prod(out) * w_shape[0] * w_shape[1] * w_shape[2]
         kh, kw_, cin, cout = w_shape
         label = f"{x_shape[1]}x{x_shape[2]}x{cin}->{cout} k{kh}x{kw_} s{conv['strides'][0]}"
-        passes = {
-            "conv fwd": (lambda impl: impls[impl], (x, w)),
-            "conv dgrad": (lambda impl: lambda x, w, dy: jax.vjp(lambda x: impls[impl](x, w), x)[1](dy), (x, w, dy)),
-            "conv wgrad": (lambda impl: lambda x, w, dy: jax.vjp(lambda w: impls[impl](x, w), w)[1](dy), (x, w, dy)),
-        }
-        for op, (make, args) in passes.items():
-            xla_s, pallas_s = _time_pair(make, args, iters, f"{op} {label}")
-            rows.append(Row(label, op, flops, xla_s, pallas_s))
+        for kind in ("fwd", "dgrad", "wgrad"):
+            args = (x, w) if kind == "fwd" else (x, w, dy)
+            xla_s, pallas_s = _time_pair(lambda impl, kind=kind: _pass(kind, impls[impl]), args, iters,
+                                         f"conv {kind} {label}")
+            rows.append(Row(label, f"conv {kind}", flops, xla_s, pallas_s))
     return rows
 
 
@@ -190,24 +193,15 @@ def _pass_fns(k, dtype):
     if k.op == "matmul":
         impls = {"xla": lambda x, w: x @ w, "pallas": lambda x, w: pallas_matmul(x, w)}
     else:
-        kwargs = {"strides": k.strides, "padding": k.padding, "dilation": (1, 1)}
-        impls = {"xla": lambda x, w: backend._xla_conv2d(x, w, **kwargs),
-                 "pallas": lambda x, w: pallas_conv2d(x, w, **kwargs)}
-    if k.kind == "fwd":
-        return {n: (f, (x, w)) for n, f in impls.items()}
-    if k.kind == "dgrad":
-        return {n: ((lambda f: lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy))(f), (x, w, dy))
-                for n, f in impls.items()}
-    return {n: ((lambda f: lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy))(f), (x, w, dy))
-            for n, f in impls.items()}
+        impls = _conv_impls(k.strides, k.padding)
+    args = (x, w) if k.kind == "fwd" else (x, w, dy)
+    return {n: (_pass(k.kind, f), args) for n, f in impls.items()}
 
 
 def run_roofline(model: str, *, batch: int = 256, dtype=jnp.bfloat16, iters: int = 20, measure: bool | None = None,
                  json_path: str | None = None) -> list[dict]:
     """Per distinct kernel of ``model``'s train step: GFLOP, minimum HBM MB, the H100 roofline time and, on a
     GPU (``measure``), XLA's and Pallas's measured times and the fraction of the roofline each reaches."""
-    from fastgpu_jax import roofline
-
     measure = jax.default_backend() == "gpu" if measure is None else measure
     rows = []
     for k in roofline.model_kernel_shapes(model, batch):

@@ -70,9 +70,7 @@ def model_kernel_shapes(name: str, batch: int = 256, image: int = 224, num_class
 
     model = models.build(name, num_classes=num_classes)
     x = jnp.zeros((batch, image, image, 3))
-    with backend.record_ops() as calls:
-        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1]))
-    calls.clear()
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1]))
     with backend.record_ops() as calls:
         jax.eval_shape(lambda v: model.apply(v, x, mutable=["batch_stats"]) if "batch_stats" in v
                        else model.apply(v, x), variables)
@@ -86,7 +84,7 @@ def model_kernel_shapes(name: str, batch: int = 256, image: int = 224, num_class
             label = f"{math.prod(x_shape[:-1])}x{x_shape[-1]}->{w_shape[-1]}"
         else:
             strides, padding = tuple(info["strides"]), info["padding"]
-            out = _conv_out_shape(x_shape, w_shape, strides, padding)
+            out = conv_out_shape(x_shape, w_shape, strides, padding)
             extra = dict(strides=strides, padding=padding)
             kh, kw, cin, cout = w_shape
             label = f"{x_shape[1]}x{x_shape[2]}x{cin}->{cout} k{kh}x{kw} s{strides[0]}"
@@ -101,7 +99,8 @@ def model_kernel_shapes(name: str, batch: int = 256, image: int = 224, num_class
     return list(shapes.values())
 
 
-def _conv_out_shape(x_shape, w_shape, strides, padding) -> tuple:
+def conv_out_shape(x_shape, w_shape, strides, padding) -> tuple:
+    """The NHWC output shape of a conv (no dilation), as XLA computes it."""
     from fastgpu_jax.nn import backend
 
     y = jax.eval_shape(lambda x, w: backend._xla_conv2d(x, w, strides=strides, padding=padding, dilation=(1, 1)),

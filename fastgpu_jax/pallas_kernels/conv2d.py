@@ -262,9 +262,8 @@ class _Config:
     strides: tuple[int, int]
     pads: Pads
     dilation: tuple[int, int]
-    fwd_blocks: tuning.ConvBlocks
+    fwd_blocks: tuning.ConvBlocks  # the forward's, and the weight gradient's (the same GEMM, transposed)
     dgrad_blocks: tuning.ConvBlocks
-    wgrad_blocks: tuning.ConvBlocks
     interpret: bool
     out_dtype: Any
 
@@ -288,7 +287,7 @@ def _conv_bwd(cfg: _Config, res, g):
     x, w, need_x, need_w = res
     g = g.astype(x.dtype)
     dx = _conv_dgrad(g, w, x.shape, blocks=cfg.dgrad_blocks, **cfg.geometry()) if need_x else None
-    dw = _conv_wgrad(x, g, w.shape, blocks=cfg.wgrad_blocks, **cfg.geometry()) if need_w else None
+    dw = _conv_wgrad(x, g, w.shape, blocks=cfg.fwd_blocks, **cfg.geometry()) if need_w else None
     return dx, dw
 
 
@@ -402,6 +401,5 @@ def conv2d(x, w, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_gro
     cfg = _Config(strides=strides, pads=pads, dilation=dilation, interpret=interpret, out_dtype=out_dtype,
                   fwd_blocks=tuning.conv_blocks(pixels, cin, cout, blocks, dtype=dtype),
                   dgrad_blocks=tuning.conv_blocks(n * h * wd // (strides[0] * strides[1]), cout, cin, blocks,
-                                                  dtype=dtype),
-                  wgrad_blocks=tuning.conv_blocks(pixels, cin, cout, blocks, dtype=dtype))
+                                                  dtype=dtype))
     return _conv(x, w, cfg)
