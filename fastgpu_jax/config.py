@@ -56,6 +56,13 @@ def _non_negative(v):
     return v >= 0
 
 
+def _randaugment_ok(v: str) -> bool:
+    if v in ("", "trivial"):
+        return True
+    n, sep, m = v.partition(",")
+    return bool(sep) and n.strip().isdigit() and m.strip().isdigit() and int(n) > 0 and 0 <= int(m) <= 30
+
+
 _INT, _FLOAT, _STR, _BOOL = (int,), (float, int), (str,), (bool,)
 _OPT_STR = (str, type(None))
 
@@ -122,6 +129,17 @@ SCHEMA: dict[str, Key] = {
                                help="a corrupt/unreadable image: stop naming it, or skip it (counted, logged)"),
     "data.channels": Key(3, _INT, check=_positive, rule="> 0", help="synthetic only"),
     "data.num_examples": Key(1024, _INT, check=_positive, rule="> 0", help="synthetic only"),
+    "data.randaugment": Key("", _STR, check=_randaugment_ok, rule="'' (off), 'N,M' (RandAugment: N ops of "
+                            "magnitude M in 0..30, e.g. '2,9') or 'trivial' (TrivialAugment)",
+                            help="host-side augmentation of the training images, after crop and flip"),
+    "data.mixup_alpha": Key(0.0, _FLOAT, check=_non_negative, rule=">= 0 (0: off)",
+                            help="mixup on the device: Beta(alpha, alpha) mixing weight per example"),
+    "data.cutmix_alpha": Key(0.0, _FLOAT, check=_non_negative, rule=">= 0 (0: off)",
+                             help="cutmix on the device: Beta(alpha, alpha) kept-area fraction per example"),
+    "data.mixup_switch_prob": Key(0.5, _FLOAT, check=lambda v: 0 <= v <= 1, rule="in [0, 1]",
+                                  help="with both mixup and cutmix on: the chance an example uses cutmix"),
+    "data.mixup_prob": Key(1.0, _FLOAT, check=lambda v: 0 <= v <= 1, rule="in [0, 1]",
+                           help="the chance an example is mixed at all (mixup or cutmix on)"),
     # model
     "model.name": Key("cnn", _STR, choices=MODEL_NAMES),
     "model.num_classes": Key(10, _INT, check=lambda v: v >= 2, rule=">= 2"),
@@ -132,6 +150,8 @@ SCHEMA: dict[str, Key] = {
     "model.stem": Key("imagenet", _STR, choices=("imagenet", "cifar"), help="resnet stem"),
     "model.dropout_rate": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)",
                               help="cnn/mlp: after hidden layers; resnet: before the head; vit: see models/vit.py"),
+    "model.drop_path_rate": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)",
+                                help="stochastic depth (resnet, vit): the last block's drop rate, linear from 0"),
     # train
     "train.steps": Key(1000, _INT, check=_positive, rule="> 0"),
     "train.log_every_steps": Key(50, _INT, check=_positive, rule="> 0"),
@@ -146,17 +166,43 @@ SCHEMA: dict[str, Key] = {
                                    help="float16: good steps before the loss scale doubles"),
     "train.nan_policy": Key("stop", _STR, choices=("stop", "skip")),
     "train.deterministic": Key(False, _BOOL),
+    "train.label_smoothing": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
+    "train.ema_decay": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1) (0: off)",
+                           help="weight EMA of the params (and BatchNorm stats), evaluated as val_ema"),
+    "train.ema_warmup": Key(True, _BOOL, help="EMA decay min(ema_decay, (1 + step) / (10 + step)), as timm"),
+    "train.keep_best": Key("", _STR, choices=("", "accuracy", "top5_accuracy", "loss", "ema_accuracy",
+                                              "ema_top5_accuracy", "ema_loss"),
+                           help="keep the checkpoint with the best eval value of this metric beside the latest"),
+    "train.early_stop_patience": Key(0, _INT, check=_non_negative, rule=">= 0 (0: off)",
+                                     help="stop after this many evaluations without a better train.keep_best "
+                                          "metric (accuracy when unset)"),
+    "train.init_from": Key("", _STR, help="start from these weights: a run's workdir, an exported .msgpack, or "
+                                          "a torchvision/timm .safetensors/.pth checkpoint"),
     "train.profile_steps": Key("", _STR, help="'START-END': jax.profiler trace of those steps into "
                                              "workdir/profile (open with TensorBoard's profile plugin)"),
     # optimizer
-    "optimizer.name": Key("adam", _STR, choices=("sgd", "adam", "adamw", "lamb")),
+    "optimizer.name": Key("adam", _STR, choices=("sgd", "adam", "adamw", "lamb", "lars", "lion")),
     "optimizer.lr": Key(1e-3, _FLOAT, check=_positive, rule="> 0"),
-    "optimizer.schedule": Key("constant", _STR, choices=("constant", "cosine", "warmup_cosine")),
+    "optimizer.schedule": Key("constant", _STR, choices=("constant", "cosine", "warmup_cosine", "step",
+                                                          "one_cycle")),
+    "optimizer.step_boundaries": Key("", _STR, help="schedule=step: comma-separated fractions of train.steps "
+                                                    "where the lr is multiplied by step_factor, e.g. '0.5,0.75'"),
+    "optimizer.step_factor": Key(0.1, _FLOAT, check=lambda v: 0 < v <= 1, rule="in (0, 1]"),
     "optimizer.warmup_steps": Key(0, _INT, check=_non_negative, rule=">= 0",
                                   help="linear warmup 0 -> lr over these steps, before any schedule"),
     "optimizer.weight_decay": Key(0.0, _FLOAT, check=_non_negative, rule=">= 0"),
     "optimizer.momentum": Key(0.9, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
     "optimizer.nesterov": Key(False, _BOOL),
+    "optimizer.b1": Key(None, (float, int, type(None)), check=lambda v: 0 <= v < 1, rule="in [0, 1)",
+                        help="adam/adamw/lamb/lion first-moment decay (None: the optimizer's default)"),
+    "optimizer.b2": Key(None, (float, int, type(None)), check=lambda v: 0 <= v < 1, rule="in [0, 1)",
+                        help="adam/adamw/lamb/lion second-moment decay (None: the optimizer's default)"),
+    "optimizer.eps": Key(None, (float, int, type(None)), check=_positive, rule="> 0",
+                         help="adam/adamw/lamb epsilon (None: the optimizer's default)"),
+    "optimizer.layer_decay": Key(1.0, _FLOAT, check=lambda v: 0 < v <= 1, rule="in (0, 1] (1: off)",
+                                 help="vit: layer-wise lr decay, block i of L scaled by layer_decay ** (L - i)"),
+    "optimizer.param_rules": Key("", _STR, help="'regex=lr:MULT,wd:DECAY;...': per-parameter-group lr multiplier "
+                                                "and weight decay, first matching regex on the param path wins"),
     "optimizer.grad_clip_norm": Key(0.0, _FLOAT, check=_non_negative, rule=">= 0 (0: off)"),
     # parallel (the multi-device strategies land with the parallel layer)
     "parallel.strategy": Key("none", _STR, choices=("none", "dp", "fsdp", "pmap")),
@@ -182,7 +228,8 @@ SCHEMA: dict[str, Key] = {
 RESUMABLE_CHANGES = frozenset({
     "train.steps", "train.log_every_steps", "train.eval_every_steps", "train.eval_split",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "data.dir", "data.eval_batch_size",
-    "data.workers", "data.prefetch",
+    "data.workers", "data.prefetch", "train.keep_best", "train.early_stop_patience",
+    "train.init_from",  # read only when a run starts from step 0; a resume restores its own checkpoint
     "log.tensorboard", "log.wandb", "log.wandb_project", "log.progress_bar", "train.profile_steps",
     # Same math within float tolerance (tested): a run may resume on the other op backend, or on another
     # device count / strategy / process layout (checkpoints reshard on restore).
@@ -251,7 +298,7 @@ def _check_type(dotted: str, value: Any) -> Any:
     if not ok:
         names = " or ".join("None" if t is type(None) else t.__name__ for t in key.types)
         raise ConfigError(f"config key '{dotted}' must be {names}, got {value!r} ({type(value).__name__})")
-    if key.types == _FLOAT and isinstance(value, int):
+    if float in key.types and isinstance(value, int):
         value = float(value) if abs(value) < 2 ** 1000 else math.inf
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key '{dotted}' must be a finite number, got {value!r}")
