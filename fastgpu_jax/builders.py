@@ -58,11 +58,17 @@ def build_model(cfg, axis_name: str | None = None):
 
 
 def build_optimizer(cfg):
-    """(tx, lr_fn) for ``cfg.optimizer``; the schedule spans ``train.steps`` updates."""
+    """(tx, lr_fn) for ``cfg.optimizer``; the schedule spans ``train.steps`` updates. ``lr_fn`` is the base lr
+    (what the logs show): param_rules and layer_decay multiply it per parameter inside ``tx``, which reads the
+    param paths when it is initialised, so a layer_decay on a model without ViT blocks fails then."""
     o = cfg.optimizer
-    lr_fn = optim.make_schedule(o.schedule, o.lr, cfg.train.steps, o.warmup_steps)
+    boundaries = optim.parse_step_boundaries(o.step_boundaries) if o.schedule == "step" else ()
+    lr_fn = optim.make_schedule(o.schedule, o.lr, cfg.train.steps, o.warmup_steps, boundaries=boundaries,
+                                factor=o.step_factor)
     tx = optim.make_optimizer(o.name, lr_fn, momentum=o.momentum, nesterov=o.nesterov,
-                              weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm)
+                              weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm, b1=o.b1, b2=o.b2,
+                              eps=o.eps, param_rules=optim.parse_param_rules(o.param_rules),
+                              layer_decay=o.layer_decay, model_name=cfg.model.name)
     return tx, lr_fn
 
 

@@ -317,12 +317,17 @@ def _check_value(dotted: str, value: Any) -> None:
 
 def _validate_combinations(flat: dict[str, Any]) -> None:
     """Rules that tie several keys together."""
+    from fastgpu_jax import optim  # the parsers that read optimizer strings for real, imported only here
+
     bs, accum = flat["data.batch_size"], flat["train.grad_accum_steps"]
     if bs % accum:
         raise ConfigError(f"data.batch_size={bs} is not divisible by train.grad_accum_steps={accum}")
     if flat["optimizer.warmup_steps"] and flat["optimizer.warmup_steps"] >= flat["train.steps"]:
         raise ConfigError(f"optimizer.warmup_steps={flat['optimizer.warmup_steps']} must be smaller than "
                           f"train.steps={flat['train.steps']}")
+    optim.check_settings(schedule=flat["optimizer.schedule"], steps=flat["train.steps"],
+                         warmup_steps=flat["optimizer.warmup_steps"],
+                         step_boundaries=flat["optimizer.step_boundaries"], param_rules=flat["optimizer.param_rules"])
     profile = flat["train.profile_steps"]
     if profile:
         start, sep, end = profile.partition("-")
@@ -378,8 +383,20 @@ def _ignored_keys(flat: dict[str, Any]) -> list[tuple[str, str]]:
 
 # (key, when it acts, why it does not otherwise): optimizer and precision keys that only some settings read.
 _CONDITIONAL_KEYS = (
-    ("optimizer.momentum", lambda f: f["optimizer.name"] == "sgd", "only optimizer.name=sgd uses momentum"),
-    ("optimizer.nesterov", lambda f: f["optimizer.name"] == "sgd", "only optimizer.name=sgd uses nesterov"),
+    ("optimizer.momentum", lambda f: f["optimizer.name"] in ("sgd", "lars"),
+     "only optimizer.name=sgd or lars uses momentum"),
+    ("optimizer.nesterov", lambda f: f["optimizer.name"] in ("sgd", "lars"),
+     "only optimizer.name=sgd or lars uses nesterov"),
+    ("optimizer.b1", lambda f: f["optimizer.name"] in ("adam", "adamw", "lamb", "lion"),
+     "only optimizer.name=adam, adamw, lamb or lion uses b1"),
+    ("optimizer.b2", lambda f: f["optimizer.name"] in ("adam", "adamw", "lamb", "lion"),
+     "only optimizer.name=adam, adamw, lamb or lion uses b2"),
+    ("optimizer.eps", lambda f: f["optimizer.name"] in ("adam", "adamw", "lamb"),
+     "only optimizer.name=adam, adamw or lamb uses eps"),
+    ("optimizer.step_boundaries", lambda f: f["optimizer.schedule"] == "step",
+     "only optimizer.schedule=step uses step_boundaries"),
+    ("optimizer.step_factor", lambda f: f["optimizer.schedule"] == "step",
+     "only optimizer.schedule=step uses step_factor"),
     ("train.loss_scale_init", lambda f: f["train.precision"] == "float16",
      "loss scaling runs only with train.precision=float16"),
     ("train.loss_scale_period", lambda f: f["train.precision"] == "float16",
