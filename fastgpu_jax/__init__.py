@@ -16,7 +16,8 @@ import types
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "config", "data", "errors", "models", "nn", "pallas_kernels", "parallel")
+_SUBMODULES = ("checkpoint", "config", "data", "errors", "models", "nn", "optim", "pallas_kernels", "parallel", "state",
+               "steps")
 # public name -> the module that defines it
 _EXPORTS = {
     "build_model": "builders", "build_optimizer": "builders", "build_state": "builders",

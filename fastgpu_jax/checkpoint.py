@@ -48,13 +48,18 @@ class _Corrupt(Exception):
     """Internal: this step's files are readable but broken."""
 
 
+LATEST_DIR = "checkpoints"  # the newest train.keep_checkpoints saves, rotated
+BEST_DIR = "checkpoints_best"  # train.keep_best: the best evaluation so far, one save, never rotated by the above
+
+
 class Checkpointer:
     """``ocp.CheckpointManager`` with three items: state, data, loop. ``read_only=True`` creates, moves and
-    deletes nothing (eval, predict, export, quantize)."""
+    deletes nothing (eval, predict, export, quantize). ``subdir``: ``LATEST_DIR`` or ``BEST_DIR``."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.corrupt_dir = os.path.abspath(os.path.join(workdir, "checkpoints_corrupt"))
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False,
+                 subdir: str = LATEST_DIR):
+        self.directory = os.path.abspath(os.path.join(workdir, subdir))
+        self.corrupt_dir = os.path.abspath(os.path.join(workdir, subdir + "_corrupt"))
         self.read_only = read_only
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointError(f"{self.directory} is not a directory; move that file away")

@@ -4,6 +4,7 @@
     fastgpu-jax config  --config configs/digits_cnn.py [--config.k=v] # the resolved config as JSON
     fastgpu-jax train --help-keys                                     # every config key, default, allowed values
     fastgpu-jax eval    --workdir runs/digits [--split test]          # last stdout line: one JSON object
+                        [--params auto|raw|ema] [--checkpoint latest|best]    # (also predict, export)
     fastgpu-jax predict --workdir runs/digits --input x.npy [--output y.npy] [--logits]
     fastgpu-jax predict --workdir runs/photos --input cat.jpg photos/ [--top-k 3]  # image files: class names
     fastgpu-jax plot    --workdir runs/digits                         # writes runs/digits/curves.png
@@ -38,6 +39,14 @@ class _HelpKeys(argparse.Action):
         parser.exit()
 
 
+def _add_weight_choice(parser) -> None:
+    """``--params raw|ema|auto`` and ``--checkpoint latest|best``: which weights eval/predict/export use."""
+    parser.add_argument("--params", default="auto", choices=("auto", "raw", "ema"),
+                        help="the trained params or their EMA (train.ema_decay); auto: the EMA when the run kept one")
+    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
+                        help="the newest checkpoint, or the best one kept by train.keep_best")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgpu-jax", description="Train, evaluate and use image classifiers.")
     p.add_argument("--traceback", action="store_true",
@@ -62,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True)
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--data-dir", default=None, help="override data.dir (data moved since training)")
+    _add_weight_choice(e)
 
     r = sub.add_parser("predict", help="classify a .npy array of raw pixels (the data set's scale), or image "
                                        "files/folders (runs trained on folder/arrayrecord/tfds data: class names)")
@@ -73,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--logits", action="store_true", help="arrays: save logits (N, classes) instead of labels")
     r.add_argument("--top-k", type=int, default=1, help="images: the K most likely classes per file (default 1)")
     r.add_argument("--batch-size", type=int, default=None)
+    _add_weight_choice(r)
 
     g = sub.add_parser("plot", help="write curves.png (loss/accuracy vs step) into the workdir")
     g.add_argument("--workdir", required=True)
@@ -114,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "and/or print an inference latency table (--bench); last line: JSON")
     x.add_argument("--workdir", required=True)
     x.add_argument("--output", default=None, help="file to write (load it with fastgpu_jax.load_exported)")
+    _add_weight_choice(x)
     x.add_argument("--bench", action="store_true",
                    help="also time the jitted forward: median ms and images/s per batch size")
     x.add_argument("--batch-sizes", default="1,32,256", help="comma list of batch sizes for --bench")
@@ -172,7 +184,8 @@ def _run(args, extra: list[str]) -> int:
         cfg = fg.load_config(args.config, overrides=_split_overrides(extra))
         print(json.dumps(fg.config.to_flat_dict(cfg), indent=1))
     elif args.command == "eval":
-        print(json.dumps(fg.evaluate(args.workdir, args.split, data_dir=args.data_dir)))
+        print(json.dumps(fg.evaluate(args.workdir, args.split, data_dir=args.data_dir, params=args.params,
+                                     which=args.checkpoint)))
     elif args.command == "predict":
         print(json.dumps(_predict(fg, args)))
     elif args.command == "bench":
@@ -211,7 +224,8 @@ def _run(args, extra: list[str]) -> int:
 
         if not args.output and not args.bench:
             raise ValueError("export needs --output FILE and/or --bench")
-        result = inference.export_params(args.workdir, args.output) if args.output else {"workdir": args.workdir}
+        result = (inference.export_params(args.workdir, args.output, params=args.params, which=args.checkpoint)
+                  if args.output else {"workdir": args.workdir})
         if args.bench:
             sizes = tuple(int(n) for n in args.batch_sizes.split(",") if n.strip())
             result["bench"] = inference.benchmark_inference(args.workdir, batch_sizes=sizes, iters=args.iters)
@@ -243,7 +257,8 @@ def _predict(fg, args) -> dict:
 
     inputs = args.input
     if len(inputs) == 1 and inputs[0].endswith(".npy"):
-        logits = fg.predict(args.workdir, np.load(inputs[0]), batch_size=args.batch_size)
+        logits = fg.predict(args.workdir, np.load(inputs[0]), batch_size=args.batch_size, params=args.params,
+                            which=args.checkpoint)
         result = logits if args.logits else logits.argmax(-1)
         summary = {"input": inputs[0], "count": int(len(logits)), "output": args.output}
         if args.output:
@@ -255,7 +270,8 @@ def _predict(fg, args) -> dict:
         raise UsageError("predict takes ONE .npy array, or image files and folders, not both")
     if args.logits:
         raise UsageError("--logits applies to .npy input; image files print class probabilities (--top-k)")
-    rows = fg.predict_files(args.workdir, inputs, top_k=args.top_k, batch_size=args.batch_size)
+    rows = fg.predict_files(args.workdir, inputs, top_k=args.top_k, batch_size=args.batch_size, params=args.params,
+                            which=args.checkpoint)
     for row in rows:
         print(f"{row['file']} -> " + ", ".join(f"{name} ({p:.3f})" for name, p in row["top"]))
     summary = {"input": inputs, "count": len(rows), "output": args.output}

@@ -169,7 +169,8 @@ SCHEMA: dict[str, Key] = {
     "train.label_smoothing": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
     "train.ema_decay": Key(0.0, _FLOAT, check=lambda v: 0 <= v < 1, rule="in [0, 1) (0: off)",
                            help="weight EMA of the params (and BatchNorm stats), evaluated as val_ema"),
-    "train.ema_warmup": Key(True, _BOOL, help="EMA decay min(ema_decay, (1 + step) / (10 + step)), as timm"),
+    "train.ema_warmup": Key(True, _BOOL, help="EMA decay min(ema_decay, (1 + step) / (10 + step)), as TensorFlow's "
+                                              "ExponentialMovingAverage(num_updates)"),
     "train.keep_best": Key("", _STR, choices=("", "accuracy", "top5_accuracy", "loss", "ema_accuracy",
                                               "ema_top5_accuracy", "ema_loss"),
                            help="keep the checkpoint with the best eval value of this metric beside the latest"),
@@ -315,6 +316,25 @@ def _check_value(dotted: str, value: Any) -> None:
         raise ConfigError(f"config key '{dotted}'={value!r} is impossible; it must be {key.rule}")
 
 
+def _validate_recipe(flat: dict[str, Any]) -> None:
+    """The research-recipe keys that need another key to mean anything."""
+    best = flat["train.keep_best"]
+    if best.startswith("ema_") and not flat["train.ema_decay"]:
+        raise ConfigError(f"train.keep_best={best!r} compares EMA evaluations, but train.ema_decay=0 keeps no EMA; "
+                          "set train.ema_decay (e.g. 0.9999) or keep_best without 'ema_'")
+    if "top5" in best and flat["model.num_classes"] <= 5:
+        raise ConfigError(f"train.keep_best={best!r} needs more than 5 classes; model.num_classes="
+                          f"{flat['model.num_classes']}")
+    if flat["train.early_stop_patience"] and not flat["train.eval_every_steps"]:
+        raise ConfigError(f"train.early_stop_patience={flat['train.early_stop_patience']} counts evaluations, but "
+                          "train.eval_every_steps=0 evaluates only at the end; set train.eval_every_steps")
+    mixing = flat["data.mixup_alpha"] or flat["data.cutmix_alpha"]
+    per_micro_batch = flat["data.batch_size"] // flat["train.grad_accum_steps"]
+    if mixing and per_micro_batch % 2:
+        raise ConfigError(f"data.mixup_alpha/cutmix_alpha mix neighbouring examples in pairs, so data.batch_size / "
+                          f"train.grad_accum_steps must be even (and divisible by 2 x devices); it is {per_micro_batch}")
+
+
 def _validate_combinations(flat: dict[str, Any]) -> None:
     """Rules that tie several keys together."""
     from fastgpu_jax import optim  # the parsers that read optimizer strings for real, imported only here
@@ -325,6 +345,7 @@ def _validate_combinations(flat: dict[str, Any]) -> None:
     if flat["optimizer.warmup_steps"] and flat["optimizer.warmup_steps"] >= flat["train.steps"]:
         raise ConfigError(f"optimizer.warmup_steps={flat['optimizer.warmup_steps']} must be smaller than "
                           f"train.steps={flat['train.steps']}")
+    _validate_recipe(flat)
     optim.check_settings(schedule=flat["optimizer.schedule"], steps=flat["train.steps"],
                          warmup_steps=flat["optimizer.warmup_steps"],
                          step_boundaries=flat["optimizer.step_boundaries"], param_rules=flat["optimizer.param_rules"])
@@ -397,6 +418,11 @@ _CONDITIONAL_KEYS = (
      "only optimizer.schedule=step uses step_boundaries"),
     ("optimizer.step_factor", lambda f: f["optimizer.schedule"] == "step",
      "only optimizer.schedule=step uses step_factor"),
+    ("data.mixup_switch_prob", lambda f: f["data.mixup_alpha"] > 0 and f["data.cutmix_alpha"] > 0,
+     "the switch between mixup and cutmix needs both data.mixup_alpha and data.cutmix_alpha > 0"),
+    ("data.mixup_prob", lambda f: f["data.mixup_alpha"] > 0 or f["data.cutmix_alpha"] > 0,
+     "it needs data.mixup_alpha or data.cutmix_alpha > 0"),
+    ("train.ema_warmup", lambda f: f["train.ema_decay"] > 0, "it needs train.ema_decay > 0"),
     ("train.loss_scale_init", lambda f: f["train.precision"] == "float16",
      "loss scaling runs only with train.precision=float16"),
     ("train.loss_scale_period", lambda f: f["train.precision"] == "float16",

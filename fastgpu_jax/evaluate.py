@@ -16,19 +16,29 @@ from fastgpu_jax.state import with_shardings
 
 
 def run_eval(eval_fn, state, batches: Iterable[dict], place=lambda b: b) -> dict:
-    """Aggregates ``eval_fn`` sums over ``batches`` exactly (float64 on the host)."""
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    """Aggregates ``eval_fn`` sums over ``batches`` exactly (float64 on the host): loss, accuracy, top5_accuracy
+    (more than 5 classes), count."""
     skipped, pending = 0, []
     for b in batches:
         skipped += len(b.pop("skipped", ()))  # bad examples, masked out (image data sets, on_bad_example=skip)
         pending.append(eval_fn(state, place(b)))
-    for m in jax.device_get(pending):
-        for k in totals:
-            totals[k] += float(m[k])
-    n = max(totals["count"], 1.0)
-    out = {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(totals["count"])}
+    out = summarize_sums(jax.device_get(pending))
     if skipped:
         out["skipped_examples"] = skipped
+    return out
+
+
+def summarize_sums(sums: Iterable[dict]) -> dict:
+    """Per-batch eval sums (``steps.compute_metrics``) -> {loss, accuracy, [top5_accuracy,] count}, in float64."""
+    totals = {}
+    for m in sums:
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    n = max(totals.get("count", 0.0), 1.0)
+    out = {"loss": totals.get("loss_sum", 0.0) / n, "accuracy": totals.get("correct", 0.0) / n}
+    if "top5_correct" in totals:
+        out["top5_accuracy"] = totals["top5_correct"] / n
+    out["count"] = int(totals.get("count", 0.0))
     return out
 
 
@@ -53,48 +63,72 @@ def run_dataset_info(workdir: str, cfg) -> data.DatasetInfo:
     return dataset_info(cfg)
 
 
-def restore_state(workdir: str, cfg=None):
+PARAMS_CHOICES = ("auto", "raw", "ema")
+CHECKPOINT_CHOICES = ("latest", "best")
+
+
+def restore_state(workdir: str, cfg=None, *, params: str = "auto", which: str = "latest"):
     """(cfg, state, step): the newest good checkpoint of ``workdir`` restored into a fresh state.
+
+    ``params``: "raw" keeps the trained params; "ema" puts the weight EMA (``train.ema_decay`` > 0) in their
+    place, so everything downstream (eval, predict, export, quantize) uses it; "auto" is "ema" when the run has
+    one, else "raw". ``which``: "latest" (``checkpoints/``) or "best" (``checkpoints_best/``, kept by
+    ``train.keep_best``).
 
     Read-only: nothing in the workdir is created, moved or deleted. A corrupt newest checkpoint is skipped
     with a warning (the previous one is used); an incompatible or unreadable one is a one-line error.
     """
+    if params not in PARAMS_CHOICES or which not in CHECKPOINT_CHOICES:
+        raise ValueError(f"params={params!r}, which={which!r}: choose params from {PARAMS_CHOICES} and which from "
+                         f"{CHECKPOINT_CHOICES}")
     cfg = cfg or load_run_config(workdir)
+    if params == "ema" and not cfg.train.ema_decay:
+        raise ValueError(f"--params ema: the run in {workdir} kept no weight EMA (train.ema_decay was 0); use "
+                         "--params raw")
     apply_kernel_tuning(cfg)
     # The restore target is abstract (jax.eval_shape): no init is compiled for values the checkpoint replaces.
     abstract = build_state(cfg, run_dataset_info(workdir, cfg), abstract=True)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, read_only=True)
+    folder = checkpoint.BEST_DIR if which == "best" else checkpoint.LATEST_DIR
+    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, read_only=True, subdir=folder)
     try:
         restored = ckpt.restore_latest(with_shardings(abstract, jax.tree.map(lambda _: device, abstract)))
     finally:
         ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first")
+        hint = "train with train.keep_best=METRIC" if which == "best" else "train first"
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, folder)}: {hint}")
     state, _, _, step = restored
+    if params == "ema" or (params == "auto" and state.ema):
+        state = steps.ema_view(state)
     return cfg, state, step
 
 
-def evaluate(workdir: str, split: str = "test", *, data_dir: str | None = None) -> dict:
-    """{"split", "step", "loss", "accuracy", "count"} of the newest checkpoint on ``split`` (val|test)."""
+def evaluate(workdir: str, split: str = "test", *, data_dir: str | None = None, params: str = "auto",
+             which: str = "latest") -> dict:
+    """{"split", "step", "params", "loss", "accuracy", ["top5_accuracy",] "count"} of the newest (or best)
+    checkpoint on ``split`` (train|val|test); ``params``/``which`` as ``restore_state``."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split {split!r} is unknown; use train, val or test")
-    cfg, state, step = restore_state(workdir)
+    cfg, state, step = restore_state(workdir, params=params, which=which)
     d = cfg.data
     batches = data.eval_batches(d.name, split, batch_size=d.eval_batch_size, data_dir=data_dir or d.dir,
                                 **data_kwargs(cfg), **loader_kwargs(cfg))
     with nn.default_backend(cfg.model.backend):  # the run's op backend, as in training
         metrics = run_eval(jax.jit(steps.eval_step), state, batches)
-    return {"split": split, "step": step, **metrics}
+    used = "ema" if params == "ema" or (params == "auto" and cfg.train.ema_decay) else "raw"
+    return {"split": split, "step": step, "params": used, **metrics}
 
 
-def predict(workdir: str, images: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+def predict(workdir: str, images: np.ndarray, *, batch_size: int | None = None, params: str = "auto",
+            which: str = "latest") -> np.ndarray:
     """Logits (N, num_classes) for raw ``images`` in the data set's native pixel scale (e.g. MNIST 0..255,
-    digits 0..16), shaped (N, H, W, C) or (N, H, W) for one channel. Normalisation is applied here."""
+    digits 0..16), shaped (N, H, W, C) or (N, H, W) for one channel. Normalisation is applied here.
+    ``params``/``which`` as ``restore_state``."""
     cfg = load_run_config(workdir)
     info = run_dataset_info(workdir, cfg)
     x = data.normalize(images, info)  # before the restore: a wrong input fails fast
-    cfg, state, _ = restore_state(workdir, cfg)
+    cfg, state, _ = restore_state(workdir, cfg, params=params, which=which)
     bs = batch_size or cfg.data.eval_batch_size
     fn = jax.jit(steps.predict_step)
     with nn.default_backend(cfg.model.backend):

@@ -80,12 +80,14 @@ def _param_count(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def load_model(workdir: str, *, batch_size: int | None = None) -> tuple[Callable, dict]:
-    """(predict_fn, info) for the newest checkpoint of ``workdir``. Only params and batch_stats are kept.
+def load_model(workdir: str, *, batch_size: int | None = None, params: str = "auto",
+               which: str = "latest") -> tuple[Callable, dict]:
+    """(predict_fn, info) for the newest (``which="best"``: the best) checkpoint of ``workdir``; ``params``: raw,
+    ema, or auto (the EMA when the run kept one). Only params and batch_stats are kept.
 
     ``info``: {"step", "model", "num_classes", "image_shape", "batch_size", "param_count", "backend",
     "dataset"}."""
-    cfg, state, step = restore_state(workdir)
+    cfg, state, step = restore_state(workdir, params=params, which=which)
     variables = _variables(state.params, state.batch_stats)
     del state  # drop the optimizer state
     return _build(cfg, variables, run_dataset_info(workdir, cfg), step=step, batch_size=batch_size)
@@ -103,10 +105,11 @@ def _build(cfg, variables, ds_info, *, step: int, batch_size: int | None):
     return predict_fn, info
 
 
-def export_params(workdir: str, path: str) -> dict:
-    """Writes {params, batch_stats} of the newest checkpoint + the flat config + the data set's normalisation
-    facts to ONE msgpack file at ``path``. Returns {"output", "bytes", "step", "param_count"}."""
-    cfg, state, step = restore_state(workdir)
+def export_params(workdir: str, path: str, *, params: str = "auto", which: str = "latest") -> dict:
+    """Writes {params, batch_stats} of the newest (or best) checkpoint + the flat config + the data set's
+    normalisation facts to ONE msgpack file at ``path``; ``params`` raw|ema|auto as ``evaluate.restore_state``.
+    Returns {"output", "bytes", "step", "param_count"}."""
+    cfg, state, step = restore_state(workdir, params=params, which=which)
     ds_info = run_dataset_info(workdir, cfg)
     payload = {
         "format": FORMAT,
@@ -168,7 +171,8 @@ def image_files(inputs) -> list[str]:
     return out
 
 
-def predict_files(workdir: str, inputs, *, top_k: int = 1, batch_size: int | None = None) -> list[dict]:
+def predict_files(workdir: str, inputs, *, top_k: int = 1, batch_size: int | None = None, params: str = "auto",
+                  which: str = "latest") -> list[dict]:
     """Classifies image files with the run's eval transform (resize the short side, center crop: exactly what
     its eval split saw). One dict per file: ``{"file", "top": [[class name, probability], ...]}`` (``top_k``
     best first). For runs trained on an image data set (``folder``/``arrayrecord``/``tfds``), whose class names were
@@ -176,7 +180,7 @@ def predict_files(workdir: str, inputs, *, top_k: int = 1, batch_size: int | Non
     from fastgpu_jax.builders import loader_kwargs
     from fastgpu_jax.data import images as image_lib
 
-    predict_fn, info = load_model(workdir, batch_size=batch_size)
+    predict_fn, info = load_model(workdir, batch_size=batch_size, params=params, which=which)
     cfg = predict_fn.config
     if cfg.data.name not in data.IMAGE_DATASETS:
         raise ValueError(f"{workdir} was trained on data.name={cfg.data.name!r}: predict on image files needs a run "

@@ -55,7 +55,7 @@ from jax import lax
 from fastgpu_jax import config as config_lib
 from fastgpu_jax import data, nn, steps
 from fastgpu_jax.builders import build_model, data_kwargs, loader_kwargs
-from fastgpu_jax.evaluate import restore_state, run_dataset_info
+from fastgpu_jax.evaluate import restore_state, run_dataset_info, summarize_sums
 from fastgpu_jax.inference import read_payload
 from fastgpu_jax.nn.backend import ACTIVATIONS, LayerOp
 from fastgpu_jax.nn.layers import Conv, Dense
@@ -358,12 +358,7 @@ def _eval_fns(model, stats: tuple | None):
 
 def _aggregate(sums: list) -> dict:
     """Exact float64 aggregation of eval sums, as ``evaluate.run_eval``."""
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for m in jax.device_get(sums):
-        for k in totals:
-            totals[k] += float(m[k])
-    n = max(totals["count"], 1.0)
-    return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(totals["count"])}
+    return summarize_sums(jax.device_get(sums))
 
 
 def _arrays(batch: dict) -> dict:

@@ -3,7 +3,8 @@
 Array fields (saved in checkpoints): ``step``, ``params``, ``batch_stats`` (empty dict for models without
 BatchNorm), ``opt_state``, ``rng`` (the run's base key; the key of step s is ``fold_in(rng, s)``, so dropout
 does not depend on how many steps ran in this process), ``loss_scale`` and ``good_steps`` (dynamic loss
-scaling, float16 only; 1.0 and 0 otherwise). Static fields (not saved): ``apply_fn``, ``tx``, ``lr_fn`` and
+scaling, float16 only; 1.0 and 0 otherwise), ``ema`` (``{"params", "batch_stats"}``: the weight EMA when
+``options.ema_decay`` > 0, starting at the init; ``{}`` otherwise). Static fields (not saved): ``apply_fn``, ``tx``, ``lr_fn`` and
 ``options``, which are rebuilt from the config.
 """
 
@@ -16,6 +17,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from fastgpu_jax.mix import MixOptions
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -32,13 +35,17 @@ class StepOptions:
     # Per-channel mean/std (pixel units) that turn uint8 batches into the model's float input on the device.
     input_mean: tuple | None = None
     input_std: tuple | None = None
+    label_smoothing: float = 0.0
+    mix: MixOptions = MixOptions()  # mixup/cutmix on the device (off by default)
+    ema_decay: float = 0.0  # > 0: the step keeps an EMA of params and BatchNorm stats in ``TrainState.ema``
+    ema_warmup: bool = True
 
     @property
     def dynamic_loss_scale(self) -> bool:
         return self.precision == "float16"
 
 
-ARRAY_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng", "loss_scale", "good_steps")
+ARRAY_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng", "loss_scale", "good_steps", "ema")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -52,6 +59,7 @@ class TrainState(flax.struct.PyTreeNode):
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     lr_fn: Callable = flax.struct.field(pytree_node=False)
+    ema: Any = flax.struct.field(default_factory=dict)  # an array field; a default so it may be left out
     options: StepOptions = flax.struct.field(pytree_node=False, default=StepOptions())
 
     @property
@@ -79,11 +87,12 @@ def create_train_state(model, tx: optax.GradientTransformation, *, seed: int, in
         init_key, _ = jax.random.split(base)
         variables = model.init({"params": init_key, "dropout": init_key}, jnp.zeros(input_shape, jnp.float32),
                                train=False)
-        params = variables["params"]
-        return dict(step=jnp.asarray(0, jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        ema = {"params": copy(params), "batch_stats": copy(batch_stats)} if options.ema_decay > 0 else {}
+        return dict(step=jnp.asarray(0, jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params), rng=base,
                     loss_scale=jnp.asarray(loss_scale_init if options.dynamic_loss_scale else 1.0, jnp.float32),
-                    good_steps=jnp.asarray(0, jnp.int32))
+                    good_steps=jnp.asarray(0, jnp.int32), ema=ema)
 
     if abstract:
         values = jax.eval_shape(arrays)
@@ -92,6 +101,12 @@ def create_train_state(model, tx: optax.GradientTransformation, *, seed: int, in
         values = jax.jit(arrays, out_shardings=out_shardings)()
     return TrainState(**values, apply_fn=model.apply, tx=tx, lr_fn=lr_fn or (lambda step: jnp.nan),
                       options=options)
+
+
+def copy(tree):
+    """Each leaf in a buffer of its own: the EMA starts equal to the params but must not alias them, since the
+    train step donates both."""
+    return jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, tree)
 
 
 def with_shardings(abstract_state: TrainState, shardings) -> TrainState:

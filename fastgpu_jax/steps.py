@@ -6,8 +6,13 @@
 ``batch`` is ``{"image": (B, H, W, C) float32 normalised, or uint8 (see ``model_input``), "label": (B,) int32}``
 (+ ``"mask"`` (B,) for eval, 0 on padding rows). When ``state.options.axis_name`` is set (dp, pmap), the steps
 run per device inside a mapped axis and reduce gradients, metrics and eval sums over it. Train metrics are
-per-step means; eval metrics are sums (``loss_sum``, ``correct``, ``count``) so that batches of any size
-aggregate exactly.
+per-step means; eval metrics are sums (``loss_sum``, ``correct``, ``top5_correct`` with more than 5 classes,
+``count``) so that batches of any size aggregate exactly.
+
+The training loss is softmax cross-entropy against soft targets when label smoothing (``optax.smooth_labels``)
+or mixup/cutmix (``fastgpu_jax.mix``) is on, else against the integer labels. Train ``accuracy`` always compares
+with the example's own (unmixed) label. With ``options.ema_decay`` > 0 the step also updates an exponential
+moving average of the params and BatchNorm statistics (``state.ema``); ``ema_view`` evaluates it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from fastgpu_jax import mix
 from fastgpu_jax.nn.per_example import per_example_dropout
 from fastgpu_jax.state import TrainState
 
@@ -26,12 +32,35 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def soft_cross_entropy(logits, targets):
+    """Per-example softmax cross-entropy against soft ``targets`` (rows, classes), in float32."""
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_loss(logits, labels, options, lam=None):
+    """Mean training loss: label smoothing and mixup/cutmix (``lam``: each row's own-target weight) make the
+    targets soft; without either it is the plain integer-label cross-entropy."""
+    if not options.label_smoothing and lam is None:
+        return jnp.mean(cross_entropy(logits, labels))
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if options.label_smoothing:
+        targets = optax.smooth_labels(targets, options.label_smoothing)
+    if lam is not None:
+        targets = mix.mix_targets(targets, lam)
+    return jnp.mean(soft_cross_entropy(logits, targets))
+
+
 def compute_metrics(logits, labels, mask=None) -> dict:
-    """Summed loss, correct predictions and example count (mask weights rows; None means all ones)."""
+    """Summed loss, correct predictions (and top-5 correct when there are more than 5 classes) and example count
+    (mask weights rows; None means all ones)."""
     mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     loss = cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    out = {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    if logits.shape[-1] > 5:
+        top5 = jnp.any(lax.top_k(logits, 5)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+        out["top5_correct"] = jnp.sum(top5 * mask)
+    return out
 
 
 def model_input(state: TrainState, images) -> jax.Array:
@@ -62,16 +91,19 @@ def example_ids(batch: dict, axis_name: str | None) -> jax.Array:
 
 def _loss_and_grads(state: TrainState, params, batch_stats, batch, rng, ids):
     """Gradient of the (loss-scaled) mean loss on one micro-batch, and the new BatchNorm stats. Dropout
-    masks are drawn per example from (rng, global row ``ids``): the same for any device count."""
+    masks and mixup/cutmix draws are per example from (rng, global row ``ids``): the same for any device count."""
     has_bn = bool(batch_stats)
+    images, lam = batch["image"], None
+    if state.options.mix.enabled:
+        images, lam = mix.mix_images(images, ids, rng, state.options.mix)
 
     def loss_fn(p):
         variables = {"params": p, "batch_stats": batch_stats} if has_bn else {"params": p}
         with per_example_dropout(ids):
-            out = state.apply_fn(variables, batch["image"], train=True, rngs={"dropout": rng},
+            out = state.apply_fn(variables, images, train=True, rngs={"dropout": rng},
                                  mutable=["batch_stats"] if has_bn else False)
         logits, updates = out if has_bn else (out, {})
-        loss = jnp.mean(cross_entropy(logits, batch["label"]))
+        loss = train_loss(logits, batch["label"], state.options, lam)
         return loss * state.loss_scale, (loss, logits, updates.get("batch_stats", batch_stats))
 
     grads, (loss, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(params)
@@ -102,6 +134,33 @@ def _accumulated_grads(state: TrainState, batch, rng, ids):
 
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def ema_decay(options, step):
+    """The EMA's decay at update ``step`` (0-based): ``ema_decay``, or with ``ema_warmup``
+    ``min(ema_decay, (1 + step) / (10 + step))`` (TensorFlow's ExponentialMovingAverage with num_updates), so the
+    average is not dominated by the random init in the first steps."""
+    decay = jnp.asarray(options.ema_decay, jnp.float32)
+    if options.ema_warmup:
+        step = step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+def _updated_ema(state: TrainState, params, batch_stats):
+    """``ema <- decay * ema + (1 - decay) * new`` for the params and BatchNorm stats; {} when EMA is off."""
+    if not state.ema:
+        return state.ema
+    decay = ema_decay(state.options, state.step)
+    new = {"params": params, "batch_stats": batch_stats}
+    return jax.tree.map(lambda e, x: (decay * e + (1 - decay) * x).astype(e.dtype), state.ema, new)
+
+
+def ema_view(state: TrainState) -> TrainState:
+    """The state with its EMA params and BatchNorm stats in place of the raw ones (to evaluate, export)."""
+    if not state.ema:
+        raise ValueError("this state has no EMA weights (train.ema_decay was 0)")
+    return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
 
 
 def _next_loss_scale(state: TrainState, grads_finite):
@@ -141,11 +200,13 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None = None):
     ok = grads_finite & loss_finite & params_finite
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     scale, good = _next_loss_scale(state, grads_finite)
+    params, stats = keep(new_params, state.params), keep(new_stats, state.batch_stats)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
+        params=params,
         opt_state=keep(new_opt_state, state.opt_state),
-        batch_stats=keep(new_stats, state.batch_stats),
+        batch_stats=stats,
+        ema=keep(_updated_ema(state, params, stats), state.ema),
         loss_scale=scale,
         good_steps=good,
     )

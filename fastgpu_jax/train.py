@@ -78,16 +78,16 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
     abstract = build_state(cfg, info, axis_name=strategy.axis_name, abstract=True)
     shardings = strategy.state_shardings(abstract)
     ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
-    writer = None
+    best_ckpt = checkpoint.Checkpointer(workdir, keep=1, subdir=checkpoint.BEST_DIR) if t.keep_best else None
+    writer, outcome = None, {}
     try:
         if ckpt.steps():
             _check_resumable(cfg, workdir, allow_config_change, info)
         restored = ckpt.restore_latest(with_shardings(abstract, shardings), set_aside_corrupt=True)
-        start, pending = 0, []
+        start, loop_state = 0, {}
         if restored is not None:
             state, data_state, loop_state, start = restored
             train_iter.set_state(data_state)
-            pending = loop_state["pending"]
         elif workdir_lib.holds_run(workdir):
             raise CheckpointError(
                 f"{workdir} holds no usable checkpoint (see checkpoints/ and checkpoints_corrupt/), so resuming "
@@ -102,33 +102,43 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
                               wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
                               run_config=config_lib.to_flat_dict(cfg))
         writer.truncate_after(start)  # only now is the restored step known; cut rows go to metrics.jsonl.N.bak
-        if start >= t.steps:  # nothing to do: say so, and report the run's last logged metrics
-            writer.print(f"already finished at step {start}/{t.steps} in {workdir}; nothing to train (raise "
-                         "train.steps with --allow-config-change to go on)")
+        stopped = _BestTracker(t, loop_state.get("best")).stopped
+        if start >= t.steps or stopped:  # nothing to do: say so, and report the run's last logged metrics
+            why = ("it stopped early; raise train.early_stop_patience" if stopped else "raise train.steps")
+            writer.print(f"already finished at step {start}/{t.steps} in {workdir}; nothing to train ({why} with "
+                         "--allow-config-change to go on)")
             last_train, last_eval = _last_logged(workdir, t.eval_split)
+            outcome = _BestTracker(t, loop_state.get("best")).summary()
         else:
             writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
                          f"({_run_description(cfg, mesh)})")
             for notice in _notices(cfg, mesh):
                 writer.print(notice)
-            state, last_train, last_eval = _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start,
-                                                 pending, info.split_sizes["train"])
+            state, last_train, last_eval, outcome = _loop(cfg, workdir, strategy, state, train_iter,
+                                                          (ckpt, best_ckpt), writer, start, loop_state,
+                                                          info.split_sizes["train"])
     finally:
         try:
             train_iter.close()  # stops decoding workers, if any
         finally:
             try:
-                ckpt.close()  # a save in flight completes (or fails loudly) before we return or raise
+                for manager in (ckpt, best_ckpt):  # a save in flight completes (or fails loudly) first
+                    if manager is not None:
+                        manager.close()
             finally:
                 if writer is not None:
                     writer.close()
     return {"step": int(jax.device_get(strategy.host_state(state).step)), "workdir": workdir, "train": last_train,
-            t.eval_split: last_eval}
+            t.eval_split: last_eval, **outcome}
 
 
-def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, pending: list, epoch_size: int):
-    """Steps ``start+1 .. train.steps``: train, log, evaluate, checkpoint. Returns (state, train, eval)."""
+def _loop(cfg, workdir, strategy, state, train_iter, checkpointers, writer, start: int, loop_state: dict,
+          epoch_size: int):
+    """Steps ``start+1 .. train.steps``: train, log, evaluate (raw and EMA weights), keep the best, stop early,
+    checkpoint. Returns (state, train, eval, the best/early-stop summary)."""
     t = cfg.train
+    ckpt, best_ckpt = checkpointers
+    pending = loop_state.get("pending", [])
     profile = _profile_window(t.profile_steps)
     state = strategy.place_state(state)
     train_fn = strategy.compile_train(steps.train_step)
@@ -136,6 +146,24 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
     last_train, last_eval = {}, {}
     window_start, window_steps = time.perf_counter(), 0
     skips = _SkipLog(writer, epoch_size, cfg.data.batch_size)
+    last_ema = {}
+    best = _BestTracker(t, loop_state.get("best"))
+
+    def log_window(step: int) -> dict:
+        """The train row of the log window ending at ``step`` (means of its steps), written; pending emptied."""
+        nonlocal pending, window_start, window_steps
+        pending = _host_rows(pending)
+        _stop_if_nonfinite(pending, cfg, step - len(pending) + 1, ckpt)
+        elapsed = time.perf_counter() - window_start
+        row = _summarise(pending, cfg)
+        row["ms_per_step"] = 1000 * elapsed / max(window_steps, 1)
+        row["examples_per_s"] = cfg.data.batch_size * window_steps / max(elapsed, 1e-9)
+        if cfg.data.name in data.IMAGE_DATASETS and cfg.data.on_bad_example == "skip":
+            row["skipped_examples"] = skips.take_window()
+        writer.write(step, "train", row)
+        ckpt.check()  # an asynchronous save that failed (full disk) stops the run here
+        pending, window_start, window_steps = [], time.perf_counter(), 0
+        return row
 
     def fetch():
         """The next batch, already on its way to the devices, the iterator state just after it, and the bad
@@ -163,30 +191,32 @@ def _loop(cfg, workdir, strategy, state, train_iter, ckpt, writer, start: int, p
             writer.progress(step)
 
             if step % t.log_every_steps == 0 or step == t.steps:
-                pending = _host_rows(pending)
-                _stop_if_nonfinite(pending, cfg, step - len(pending) + 1, ckpt)
-                elapsed = time.perf_counter() - window_start
-                last_train = _summarise(pending, cfg)
-                last_train["ms_per_step"] = 1000 * elapsed / max(window_steps, 1)
-                last_train["examples_per_s"] = cfg.data.batch_size * window_steps / max(elapsed, 1e-9)
-                if cfg.data.name in data.IMAGE_DATASETS and cfg.data.on_bad_example == "skip":
-                    last_train["skipped_examples"] = skips.take_window()
-                writer.write(step, "train", last_train)
-                ckpt.check()  # an asynchronous save that failed (full disk) stops the run here
-                pending, window_start, window_steps = [], time.perf_counter(), 0
+                last_train = log_window(step)
 
             if (t.eval_every_steps and step % t.eval_every_steps == 0) or step == t.steps:
-                last_eval = _evaluate(eval_fn, state, strategy, cfg, t.eval_split)
-                writer.write(step, t.eval_split, last_eval)
+                last_eval, last_ema = _evaluate_both(eval_fn, state, strategy, cfg, writer, step)
+                if best.update(step, last_eval, last_ema) and best_ckpt is not None:
+                    pending = _host_rows(pending)
+                    _refuse_nonfinite_state(state, step, best_ckpt)
+                    best_ckpt.save(step, strategy.host_state(state), batch_state, {"pending": list(pending)})
+                if best.stopped:
+                    writer.print(best.stop_message(step, t.eval_split))
+                    if pending:
+                        last_train = log_window(step)
 
-            if step % t.checkpoint_every_steps == 0 or step == t.steps:
+            if step % t.checkpoint_every_steps == 0 or step == t.steps or best.stopped:
                 pending = _host_rows(pending)
                 _stop_if_nonfinite(pending, cfg, step - len(pending) + 1, ckpt)  # before, never after, a save
                 _refuse_nonfinite_state(state, step, ckpt)
                 # A copy: the save is asynchronous and the loop goes on appending to `pending`.
-                ckpt.save(step, strategy.host_state(state), batch_state, {"pending": list(pending)})
-    skips.finish(t.steps)
-    return state, last_train, last_eval
+                ckpt.save(step, strategy.host_state(state), batch_state,
+                          {"pending": list(pending), "best": best.to_json()})
+            if best.stopped:
+                break
+    skips.finish(step if start < t.steps else t.steps)
+    if last_ema:
+        last_eval = {**last_eval, "ema": last_ema}
+    return state, last_train, last_eval, best.summary()
 
 
 def _last_logged(workdir: str, eval_split: str) -> tuple[dict, dict]:
@@ -317,6 +347,65 @@ class _SkipLog:
     def take_window(self) -> int:
         count, self.window = self.window, 0
         return count
+
+
+def _evaluate_both(eval_fn, state, strategy, cfg, writer, step: int) -> tuple[dict, dict]:
+    """The eval split's row for the raw params and, when the run keeps an EMA, the ``<split>_ema`` row for the
+    EMA weights (same data, same compiled step); both written to the logs."""
+    split = cfg.train.eval_split
+    raw = _evaluate(eval_fn, state, strategy, cfg, split)
+    writer.write(step, split, raw)
+    if not state.ema:
+        return raw, {}
+    ema = _evaluate(eval_fn, steps.ema_view(state), strategy, cfg, split)
+    writer.write(step, f"{split}_ema", ema)
+    return raw, ema
+
+
+class _BestTracker:
+    """``train.keep_best`` and ``train.early_stop_patience``: the best value so far of one eval metric (raw or
+    ``ema_`` weights; loss is minimised, accuracies maximised), and evaluations since it improved. Its JSON
+    travels in every checkpoint's loop state, so a resumed run keeps comparing against the same best and counts
+    patience across the interruption."""
+
+    def __init__(self, t, saved: dict | None):
+        self.metric = t.keep_best or "accuracy"
+        self.patience = t.early_stop_patience
+        if not saved or saved.get("metric") != self.metric:  # a new run, or keep_best changed on resume
+            saved = {}
+        self.best, self.best_step, self.since = saved.get("value"), saved.get("step"), saved.get("since", 0)
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.patience) and self.since >= self.patience
+
+    def update(self, step: int, raw: dict, ema: dict) -> bool:
+        """Records one evaluation; True when it is a new best."""
+        row, key = (ema, self.metric[4:]) if self.metric.startswith("ema_") else (raw, self.metric)
+        value = row.get(key)
+        if value is None:  # e.g. top5_accuracy with 5 classes or fewer: the config check names it first
+            return False
+        better = self.best is None or (value < self.best if key == "loss" else value > self.best)
+        if better:
+            self.best, self.best_step, self.since = float(value), step, 0
+        else:
+            self.since += 1
+        return better
+
+    def stop_message(self, step: int, split: str) -> str:
+        return (f"early stopping at step {step}: {split} {self.metric} has not improved for {self.since} "
+                f"evaluations (train.early_stop_patience={self.patience}); best {self.best:.6g} at step "
+                f"{self.best_step}")
+
+    def to_json(self) -> dict:
+        return {"metric": self.metric, "value": self.best, "step": self.best_step, "since": self.since}
+
+    def summary(self) -> dict:
+        """What the run's result reports: the best evaluation, and the step it stopped early at (if it did)."""
+        out = {"best": {"metric": self.metric, "value": self.best, "step": self.best_step}}
+        if self.stopped:
+            out["stopped_early"] = True
+        return out
 
 
 def _evaluate(eval_fn, state, strategy, cfg, split: str) -> dict:

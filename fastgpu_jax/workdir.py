@@ -22,7 +22,8 @@ from fastgpu_jax.errors import WorkdirError
 
 LOCK_FILE = ".lock"
 # What --restart moves into workdir/restarted/N/ so that step 0 starts on a clean folder.
-RUN_FILES = ("checkpoints", "checkpoints_corrupt", "metrics.jsonl", "config.json", "tensorboard", "profile")
+RUN_FILES = ("checkpoints", "checkpoints_corrupt", "checkpoints_best", "checkpoints_best_corrupt", "metrics.jsonl",
+             "config.json", "tensorboard", "profile")
 
 
 def prepare(workdir: str) -> str:

@@ -282,7 +282,7 @@ def test_unknown_model_names_the_known_ones():
 def test_the_registry_knows_which_optional_keys_each_model_acts_on(monkeypatch):
     assert models.accepted_keys("resnet50") == set(models.OPTIONAL_KEYS)
     assert models.accepted_keys("cnn") == models.accepted_keys("mlp") == {"width", "dropout_rate"}
-    assert models.accepted_keys("vit_s4") == {"dropout_rate"}
+    assert models.accepted_keys("vit_s4") == {"dropout_rate", "drop_path_rate"}
     assert "variant" in models.why_ignored("vit_s4", "width") and "ResNet" in models.why_ignored("cnn", "stem")
     monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # registrations end with this test
     monkeypatch.setattr(models, "_KEYS", dict(models._KEYS))

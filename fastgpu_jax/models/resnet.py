@@ -6,6 +6,10 @@ BatchNorm runs in float32 statistics whatever the compute dtype; the last BN of 
 zero-initialised (a common trick that helps large-batch training; set ``zero_init_residual=False`` to undo).
 ``dropout_rate`` > 0 drops pooled features before the head in training (``train=True``, drawing from the
 'dropout' rng); it adds no parameters, so a checkpoint loads whatever the rate.
+``drop_path_rate`` > 0 is stochastic depth (Huang et al. 2016, as timm's ResNet): in training each example skips
+block b's residual branch with probability ``drop_path_rate * b / (blocks - 1)`` (linear from 0 at the first
+block), the kept branches scaled by 1 / keep. Its draws are per example (``fastgpu_jax.nn.DropPath``), so a run
+is the same on any device count.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fastgpu_jax.nn import Conv, Dense
+from fastgpu_jax.nn import Conv, Dense, DropPath
 
 
 def _last_bn_init(zero_init_residual: bool):
@@ -29,6 +33,8 @@ class BasicBlock(nn.Module):
     conv: Any
     norm: Any
     zero_init_residual: bool = True
+    drop_path_rate: float = 0.0
+    train: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -40,7 +46,7 @@ class BasicBlock(nn.Module):
         if residual.shape != y.shape:
             residual = self.norm(name="proj_bn")(
                 self.conv(self.filters, (1, 1), self.strides, name="proj_conv")(residual))
-        return nn.relu(residual + y)
+        return nn.relu(residual + DropPath(self.drop_path_rate, deterministic=not self.train)(y))
 
 
 class BottleneckBlock(nn.Module):
@@ -49,6 +55,8 @@ class BottleneckBlock(nn.Module):
     conv: Any
     norm: Any
     zero_init_residual: bool = True
+    drop_path_rate: float = 0.0
+    train: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -60,7 +68,7 @@ class BottleneckBlock(nn.Module):
         if residual.shape != y.shape:
             residual = self.norm(name="proj_bn")(
                 self.conv(4 * self.filters, (1, 1), self.strides, name="proj_conv")(residual))
-        return nn.relu(residual + y)
+        return nn.relu(residual + DropPath(self.drop_path_rate, deterministic=not self.train)(y))
 
 
 class ResNet(nn.Module):
@@ -73,6 +81,7 @@ class ResNet(nn.Module):
     zero_init_residual: bool = True
     bn_axis_name: str | None = None  # dp/pmap: BatchNorm statistics averaged over this mapped axis
     dropout_rate: float = 0.0  # on the pooled features, before the head (train mode only)
+    drop_path_rate: float = 0.0  # stochastic depth of the last block (linear from 0), train mode only
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -89,11 +98,15 @@ class ResNet(nn.Module):
             x = nn.relu(norm(name="stem_bn")(conv(self.width, (3, 3), name="stem_conv")(x)))
         else:
             raise ValueError(f"ResNet stem {self.stem!r} is unknown; use imagenet or cifar")
+        blocks, index = sum(self.stage_sizes), 0
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):
                 strides = 2 if i > 0 and j == 0 else 1
+                rate = self.drop_path_rate * index / max(blocks - 1, 1)
                 x = self.block(self.width * 2 ** i, strides, conv=conv, norm=norm,
-                               zero_init_residual=self.zero_init_residual, name=f"stage{i}_block{j}")(x)
+                               zero_init_residual=self.zero_init_residual, drop_path_rate=rate, train=train,
+                               name=f"stage{i}_block{j}")(x)
+                index += 1
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return Dense(self.num_classes, dtype=self.dtype, name="head")(x)

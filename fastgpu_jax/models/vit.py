@@ -25,7 +25,9 @@ patch embedding, position embedding N(0, 0.02), class token zero, zero-initialis
 
 Dropout (``dropout_rate``, active only with ``train=True``, drawing from the 'dropout' rng) is applied after
 the position embedding, on the attention output projection and after each MLP dense; there is no dropout on
-the attention probabilities (``jax.nn.dot_product_attention`` has none).
+the attention probabilities (``jax.nn.dot_product_attention`` has none). ``drop_path_rate`` is stochastic depth
+as timm's ViT: block i of L drops each example's attention and MLP branches with probability
+``drop_path_rate * i / (L - 1)`` (per example, so the same on any device count; see ``fastgpu_jax.nn.DropPath``).
 
 ``attention_impl`` is passed to ``jax.nn.dot_product_attention`` as ``implementation``: None (default: jax
 chooses; in jax 0.10 that is always XLA), ``"xla"``, ``"cudnn"`` (cuDNN flash attention: GPU, bf16/fp16,
@@ -43,7 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastgpu_jax.nn import Conv, Dense
+from fastgpu_jax.nn import Conv, Dense, DropPath
 
 # name -> (width, depth, num_heads, mlp_dim)
 VIT_VARIANTS = {
@@ -119,13 +121,16 @@ class EncoderBlock(nn.Module):
     dtype: Any = jnp.float32
     dropout_rate: float = 0.0
     attention_impl: str | None = None
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype, param_dtype=jnp.float32)
-        x = x + MultiHeadSelfAttention(self.num_heads, self.dtype, self.dropout_rate, self.attention_impl,
-                                       name="attn")(norm(name="ln1")(x), train)
-        return x + MlpBlock(self.mlp_dim, self.dtype, self.dropout_rate, name="mlp")(norm(name="ln2")(x), train)
+        drop_path = DropPath(self.drop_path_rate, deterministic=not train)
+        x = x + drop_path(MultiHeadSelfAttention(self.num_heads, self.dtype, self.dropout_rate, self.attention_impl,
+                                                 name="attn")(norm(name="ln1")(x), train))
+        mlp = MlpBlock(self.mlp_dim, self.dtype, self.dropout_rate, name="mlp")
+        return x + drop_path(mlp(norm(name="ln2")(x), train))
 
 
 class ViT(nn.Module):
@@ -141,6 +146,7 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     head_zero_init: bool = True
     attention_impl: str | None = None
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -157,8 +163,9 @@ class ViT(nn.Module):
                          jnp.float32)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x + pos.astype(self.dtype))
         for i in range(self.depth):
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, self.attention_impl,
-                             name=f"block{i}")(x, train)
+                             drop_path_rate=rate, name=f"block{i}")(x, train)
         x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, param_dtype=jnp.float32, name="ln_final")(x)
         head_init = nn.initializers.zeros_init() if self.head_zero_init else _xavier
         return Dense(self.num_classes, dtype=self.dtype, kernel_init=head_init, name="head")(x[:, 0])

@@ -72,3 +72,21 @@ class Conv(nn.Conv):
     def __post_init__(self):
         _bind_default_op(self, "conv_general_dilated", _backend.conv_general_dilated)
         super().__post_init__()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (drop path) for a residual branch: in training each example's whole branch is zeroed with
+    probability ``rate`` and the kept ones are scaled by 1 / (1 - rate), as timm's ``DropPath``.
+
+    It is a ``flax.linen.Dropout`` broadcast over every non-batch axis, so it draws from the 'dropout' rng and the
+    train step's per-example draws (``nn.per_example``) apply: example i is dropped or kept alike on any device
+    count. ``rate`` 0 (or ``deterministic``) returns the input untouched.
+    """
+
+    rate: float
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool | None = None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        return nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic)
