@@ -25,15 +25,17 @@ def data_kwargs(cfg) -> dict:
 
 
 def loader_kwargs(cfg) -> dict:
-    """How the image data sets cut and decode examples (``image_options``, ``workers``, ``prefetch``); {} for
-    the array data sets."""
+    """How the image data sets cut and decode examples (``image_options``, ``workers``, ``prefetch``); for the
+    array data sets ``randaugment`` where the set takes it ({} otherwise). Both the train and the eval pipeline
+    accept these (eval batches are never augmented)."""
     d = cfg.data
     if d.name not in data.IMAGE_DATASETS:
-        return {}
+        return {"randaugment": d.randaugment} if "randaugment" in data.DATASETS[d.name].options else {}
     from fastgpu_jax.data.image_pipeline import ImageOptions
 
     opts = ImageOptions(size=d.image_size, augment=d.augment, min_scale=d.crop_min_scale,
-                        max_aspect=d.crop_max_aspect, eval_crop=d.eval_crop, on_bad_example=d.on_bad_example)
+                        max_aspect=d.crop_max_aspect, eval_crop=d.eval_crop, on_bad_example=d.on_bad_example,
+                        randaugment=d.randaugment)
     return {"image_options": opts, "workers": d.workers, "prefetch": d.prefetch}
 
 

@@ -9,9 +9,10 @@ configs, models or the train loop, so it can be tested and reused alone.
     info(name, data_dir=None, *, image_size=32, channels=3, num_classes=10, num_examples=1024)
     load_split(name, split, data_dir=None, **synthetic_kw) -> (images, labels)
     normalize(images, info) -> float32
-    train_iterator(name, *, batch_size, seed, data_dir=None, augment=False,
+    train_iterator(name, *, batch_size, seed, data_dir=None, augment=False, randaugment='',
                    process_index=0, process_count=1, **synthetic_kw)
     eval_batches(name, split, *, batch_size, data_dir=None, **synthetic_kw)
+    randaugment: RandAugment / TrivialAugment of uint8 train images (torchvision's ops), for data.randaugment
 """
 
 from .pipeline import CROP_PADDING, eval_batches, train_dataset, train_iterator

@@ -3,7 +3,8 @@
 The same contract as the array pipelines (see ``pipeline``): the global batch of train step ``s`` is a pure
 function of ``(seed, s)``. Example ``i`` of a batch is decoded with its own generator,
 ``default_rng([seed, tag, s, global row])``, so the pixels do not depend on which worker process, or which of
-several hosts, decoded it, nor on how many there are.
+several hosts, decoded it, nor on how many there are. ``ImageOptions.randaugment`` (train batches only) then
+augments the crop with ``randaugment.example_rng(seed, s, global row)``, a stream of its own.
 
 Bad examples (``on_bad_example``): ``"error"`` stops at the first one with its one-line reason (file and
 what is wrong). ``"skip"`` puts, in its place, the next example of the same epoch's permutation that decodes
@@ -18,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from . import image_sources, images
+from . import image_sources, images, randaugment
 
 # Mixed into each example's generator seed so it never coincides with a shuffle stream.
 _DECODE_TAG = 0x1A6E
@@ -29,7 +30,8 @@ ON_BAD_EXAMPLE = ("error", "skip")
 class ImageOptions:
     """How examples become model inputs. ``augment``: random-resized crop (area fraction in
     [``min_scale``, 1], aspect ratio in [1/``max_aspect``, ``max_aspect``]) + flip for training; otherwise
-    training uses the eval transform (short side to ``size / eval_crop``, center ``size x size``)."""
+    training uses the eval transform (short side to ``size / eval_crop``, center ``size x size``).
+    ``randaugment``: '' (off), 'N,M' or 'trivial' (see ``randaugment``), applied to train crops after either."""
 
     size: int = 224
     augment: bool = True
@@ -37,6 +39,7 @@ class ImageOptions:
     max_aspect: float = 4 / 3
     eval_crop: float = 0.875
     on_bad_example: str = "error"
+    randaugment: str = ""
 
     def __post_init__(self):
         checks = [("data.image_size", self.size >= 1, ">= 1"),
@@ -47,6 +50,7 @@ class ImageOptions:
         for key, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{key} must be {rule}, got {getattr(self, _FIELD[key])!r}")
+        randaugment.parse(self.randaugment)  # a one-line error naming data.randaugment
 
 
 _FIELD = {"data.image_size": "size", "data.crop_min_scale": "min_scale", "data.crop_max_aspect": "max_aspect",
@@ -80,7 +84,8 @@ class TrainBatches:
                 index = self.order.at(position, attempt)
                 try:
                     data, label, name = self.source[index]
-                    out["image"][j] = _transform(data, name, self.opts, [self.seed, _DECODE_TAG, step, row], True)
+                    image = _transform(data, name, self.opts, [self.seed, _DECODE_TAG, step, row], True)
+                    out["image"][j] = self._augment(image, step, row)
                     out["label"][j] = label
                     break
                 except (images.BadImageError, FileNotFoundError) as err:
@@ -91,6 +96,10 @@ class TrainBatches:
                 raise ValueError(f"every example of the train split is bad (data.on_bad_example=skip): {skipped[0]}")
         out["skipped"] = tuple(skipped)
         return out
+
+    def _augment(self, image: np.ndarray, step: int, row: int) -> np.ndarray:
+        policy = randaugment.parse(self.opts.randaugment)
+        return image if policy is None else policy(image, randaugment.example_rng(self.seed, step, row))
 
 
 class EvalBatches:

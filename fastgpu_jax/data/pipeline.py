@@ -20,7 +20,8 @@ Design (why it looks like this):
   ``[process_index*b, (process_index+1)*b)`` with ``b = batch_size // process_count``;
   augmentation parameters are drawn for the whole global batch from
   ``default_rng([seed, tag, step])`` and then sliced, so concatenating the
-  processes' batches gives exactly the ``process_count=1`` batch.
+  processes' batches gives exactly the ``process_count=1`` batch. RandAugment (cifar10/100, see
+  ``randaugment``) is per example, from ``randaugment.example_rng(seed, step, global row)``, after the crop.
 * One reader thread with a small prefetch buffer: the host is small and XLA
   needs the cores; Grain keeps the order deterministic.
 """
@@ -33,7 +34,7 @@ import threading
 import grain
 import numpy as np
 
-from . import image_pipeline, sources
+from . import image_pipeline, randaugment as randaugment_lib, sources
 from .sources import IMAGE_DATASETS
 
 # Mixed into the augmentation RNG seed so it never coincides with a shuffle stream.
@@ -81,13 +82,15 @@ class _EpochOrder:
         return np.concatenate([first, self.permutation(epoch + 1)[: self.b - len(first)]])
 
 
-def _crop_flip(x: np.ndarray, oy: np.ndarray, ox: np.ndarray, flip: np.ndarray, pad: int) -> np.ndarray:
-    """Random crop from a zero-padded batch + horizontal flip, as one fancy-index gather.
+def _crop_flip(x: np.ndarray, oy: np.ndarray, ox: np.ndarray, flip: np.ndarray, pad: int, fill=0) -> np.ndarray:
+    """Random crop from a ``fill``-padded batch + horizontal flip, as one fancy-index gather.
 
-    Applied after normalisation, so zero padding = padding with the data set mean.
+    Applied after normalisation, so zero padding = padding with the data set mean (uint8 batches that
+    RandAugment takes next are padded with the mean rounded instead).
     """
     b, h, w, c = x.shape
-    padded = np.zeros((b, h + 2 * pad, w + 2 * pad, c), dtype=x.dtype)
+    padded = np.empty((b, h + 2 * pad, w + 2 * pad, c), dtype=x.dtype)
+    padded[...] = fill
     padded[:, pad:pad + h, pad:pad + w] = x
     rows = oy[:, None] + np.arange(h)
     cols = ox[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))
@@ -115,23 +118,24 @@ def _check_processes(batch_size, process_index, process_count) -> tuple[int, int
 
 
 def train_dataset(name: str, *, batch_size: int, seed: int, data_dir=None, augment: bool = False,
-                  process_index: int = 0, process_count: int = 1, image_options=None,
+                  process_index: int = 0, process_count: int = 1, image_options=None, randaugment: str = "",
                   **synthetic_kw) -> grain.MapDataset:
     """The train pipeline as a Grain ``MapDataset``: element ``s`` is this process's part
     of the global batch of step ``s`` (random access; ``train_iterator`` iterates it)."""
     return grain.MapDataset.range(sys.maxsize).map(
         _train_loader(name, batch_size=batch_size, seed=seed, data_dir=data_dir, augment=augment,
                       process_index=process_index, process_count=process_count, image_options=image_options,
-                      **synthetic_kw))
+                      randaugment=randaugment, **synthetic_kw))
 
 
 def _train_loader(name: str, *, batch_size: int, seed: int, data_dir, augment: bool, process_index: int,
-                  process_count: int, image_options, **synthetic_kw):
+                  process_count: int, image_options, randaugment: str = "", **synthetic_kw):
     """``load(step)`` -> this process's rows of the global batch of ``step``."""
     lo, hi = _check_processes(batch_size, process_index, process_count)
     seed = _check_int(seed, "seed", 0)
+    policy = _randaugment_policy(name, randaugment)
     if name in IMAGE_DATASETS:
-        opts = image_options or image_pipeline.ImageOptions(augment=augment)
+        opts = image_options or image_pipeline.ImageOptions(augment=augment, randaugment=randaugment)
         source = image_pipeline.open_split(name, data_dir, "train", opts)
         _check_batch_fits(name, batch_size, len(source))
         return image_pipeline.TrainBatches(source, _EpochOrder(len(source), batch_size, seed), seed=seed,
@@ -143,22 +147,49 @@ def _train_loader(name: str, *, batch_size: int, seed: int, data_dir, augment: b
     mean = np.asarray(ds_info.mean, dtype=np.float32)
     std = np.asarray(ds_info.std, dtype=np.float32)
     crop = augment and name in ("cifar10", "cifar100")
+    pad = np.rint(mean).astype(np.uint8)  # the uint8 stand-in for the mean, where RandAugment needs uint8
+
+    def normalize(x):
+        image = x.astype(np.float32)
+        image -= mean
+        image /= std  # same arithmetic as sources.normalize, bit for bit
+        return image
 
     def load(step):
         idx = order(step)[lo:hi]
-        image = images[idx].astype(np.float32)
-        image -= mean
-        image /= std  # same arithmetic as sources.normalize, bit for bit
-        if crop:
-            rng = np.random.default_rng([seed, _AUGMENT_TAG, int(step)])
-            span = 2 * CROP_PADDING + 1
-            oy = rng.integers(0, span, size=batch_size)[lo:hi]
-            ox = rng.integers(0, span, size=batch_size)[lo:hi]
-            flip = (rng.random(batch_size) < 0.5)[lo:hi]
-            image = _crop_flip(image, oy, ox, flip, CROP_PADDING)
+        if policy is None:  # crop the normalised batch: zero padding is the mean exactly
+            image = normalize(images[idx])
+            if crop:
+                image = _crop_flip(image, *_crop_draws(seed, step, batch_size, lo, hi), CROP_PADDING)
+        else:  # RandAugment takes uint8 images after the crop and flip
+            image = images[idx]
+            if crop:
+                image = _crop_flip(image, *_crop_draws(seed, step, batch_size, lo, hi), CROP_PADDING, fill=pad)
+            rngs = [randaugment_lib.example_rng(seed, step, row) for row in range(lo, hi)]
+            image = normalize(np.stack([policy(x, rng) for x, rng in zip(image, rngs)]))
         return {"image": image, "label": labels[idx]}
 
     return load
+
+
+def _crop_draws(seed: int, step, batch_size: int, lo: int, hi: int) -> tuple:
+    """(oy, ox, flip) of rows [lo, hi): drawn for the whole global batch of ``step``, then sliced."""
+    rng = np.random.default_rng([seed, _AUGMENT_TAG, int(step)])
+    span = 2 * CROP_PADDING + 1
+    oy = rng.integers(0, span, size=batch_size)[lo:hi]
+    ox = rng.integers(0, span, size=batch_size)[lo:hi]
+    flip = (rng.random(batch_size) < 0.5)[lo:hi]
+    return oy, ox, flip
+
+
+def _randaugment_policy(name: str, spec: str):
+    """``randaugment.parse(spec)``, refused on the data sets the registry does not list it for."""
+    policy = randaugment_lib.parse(spec)
+    if policy is not None and "randaugment" not in sources.DATASETS[name].options:
+        users = ", ".join(n for n, s in sources.DATASETS.items() if "randaugment" in s.options)
+        raise ValueError(f"data.randaugment={spec!r} has no effect on data set {name!r}: RandAugment works on "
+                         f"colour uint8 images ({users})")
+    return policy
 
 
 def _check_batch_fits(name: str, batch_size: int, n: int) -> None:
@@ -226,7 +257,7 @@ def _absl_flags_parsed() -> None:
 
 def train_iterator(name: str, *, batch_size: int, seed: int, data_dir=None, augment: bool = False,
                    process_index: int = 0, process_count: int = 1, image_options=None, workers: int = 0,
-                   prefetch: int = 4, **synthetic_kw) -> StepIterator:
+                   prefetch: int = 4, randaugment: str = "", **synthetic_kw) -> StepIterator:
     """Infinite iterator of this process's part of each global batch, ``b = batch_size // process_count`` rows:
     ``{"image": float32 (b, H, W, C) normalised, "label": int32 (b,)}`` for the array data sets,
     ``{"image": uint8 (b, S, S, 3), "label", "skipped"}`` for ``folder``/``arrayrecord`` (normalised on the
@@ -236,16 +267,20 @@ def train_iterator(name: str, *, batch_size: int, seed: int, data_dir=None, augm
     (random 4-pixel crop, padded with the mean, + horizontal flip) applies to ``cifar10`` and ``cifar100``; for
     digits, MNIST and synthetic data it is ignored (small grey digits are not flip-invariant, and synthetic data
     is for throughput). ``workers``: decoding processes (image data sets; 0 = one thread of this process).
+    ``randaugment``: '' (off), 'N,M' (RandAugment) or 'trivial' (TrivialAugmentWide), on the uint8 images after
+    the crop and flip (see ``randaugment``): cifar10/cifar100, and image data sets when ``image_options`` is
+    None (otherwise its ``randaugment`` applies); an error on the grayscale and synthetic sets.
     """
     load = _train_loader(name, batch_size=batch_size, seed=seed, data_dir=data_dir, augment=augment,
                          process_index=process_index, process_count=process_count, image_options=image_options,
-                         **synthetic_kw)
+                         randaugment=randaugment, **synthetic_kw)
     return StepIterator(load, workers=workers if name in IMAGE_DATASETS else 0, prefetch=prefetch)
 
 
 def eval_batches(name: str, split: str, *, batch_size: int, data_dir=None, image_options=None, workers: int = 0,
-                 prefetch: int = 4, **synthetic_kw):
-    """One ordered pass over ``split``: ``{"image", "label", "mask"}`` batches.
+                 prefetch: int = 4, randaugment: str = "", **synthetic_kw):
+    """One ordered pass over ``split``: ``{"image", "label", "mask"}`` batches, never augmented (``randaugment``
+    is accepted, unused, so a caller can pass the train pipeline's loader arguments).
 
     Every batch has exactly ``batch_size`` rows so a jitted eval step compiles once:
     the last batch is padded with zero images / label 0 and ``mask`` 0 (1 for real rows).

@@ -87,14 +87,17 @@ class DatasetSpec:
 
 
 _IMAGE_OPTIONS = ("augment", "image_size", "workers", "prefetch", "crop_min_scale", "crop_max_aspect", "eval_crop",
-                  "on_bad_example")
+                  "on_bad_example", "randaugment")
+# randaugment (see randaugment.py) is for colour uint8 images: not digits (0..16 floats), MNIST and
+# Fashion-MNIST (grayscale 28x28: torchvision's op table is tuned on colour photos) or synthetic (float noise).
 # The data set registry: config.py takes the allowed ``data.name`` values and per-set options from here.
 DATASETS = {
     "digits": DatasetSpec((8, 8, 1), 10),
     "mnist": DatasetSpec((28, 28, 1), 10, files="the MNIST IDX files"),
     "fashion_mnist": DatasetSpec((28, 28, 1), 10, files="the Fashion-MNIST IDX files"),
-    "cifar10": DatasetSpec((32, 32, 3), 10, files="the CIFAR-10 binary batches", options=("augment",)),
-    "cifar100": DatasetSpec((32, 32, 3), 100, files="the CIFAR-100 binary files", options=("augment",)),
+    "cifar10": DatasetSpec((32, 32, 3), 10, files="the CIFAR-10 binary batches", options=("augment", "randaugment")),
+    "cifar100": DatasetSpec((32, 32, 3), 100, files="the CIFAR-100 binary files",
+                            options=("augment", "randaugment")),
     "synthetic": DatasetSpec(None, None, options=("image_size", "channels", "num_examples")),
     # Encoded images, decoded per batch (see image_sources / image_pipeline): any size and class count.
     "folder": DatasetSpec(None, None, files="an image folder (train/<class>/..., val/<class>/...)",
