@@ -32,7 +32,11 @@ MODELS = {
     # curve chaotic (rounding-level differences grow), which would test the data, not the strategies.
     "resnet": [f"model.name={TINY_RESNET}", "model.width=8", "model.stem=cifar", "data.name=synthetic",
                "data.image_size=16", "data.num_examples=256", "data.eval_batch_size=128", "model.dropout_rate=0.0",
-               "optimizer.lr=0.01", "optimizer.momentum=0.9"],
+               "optimizer.lr=0.01", "optimizer.momentum=0.9",
+               # The research recipes' per-example draws (mixup/cutmix pairs, stochastic depth) and the EMA must
+               # not depend on the device count either.
+               "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "model.drop_path_rate=0.2",
+               "train.label_smoothing=0.1", "train.ema_decay=0.9"],
 }
 
 

@@ -33,12 +33,12 @@ def _max_rel(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
 
-def _params_rel(workdir_a, workdir_b) -> float:
+def _params_rel(workdir_a, workdir_b, params: str = "auto") -> float:
     """Largest difference of a parameter leaf relative to the leaf's largest value; leaves that stay near zero
     (a BatchNorm bias whose gradient nearly cancels: |values| < 1e-3) are measured against 1e-3 instead, so
     rounding at the 1e-9 level in a 1e-6-sized leaf does not read as a 1e-3 disagreement."""
-    _, a, _ = fg.restore_state(str(workdir_a))
-    _, b, _ = fg.restore_state(str(workdir_b))
+    _, a, _ = fg.restore_state(str(workdir_a), params=params)
+    _, b, _ = fg.restore_state(str(workdir_b), params=params)
     return max(float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-3))
                for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
 
@@ -63,7 +63,8 @@ def test_dp_fsdp_pmap_follow_the_single_device_curve(tmp_path):
     assert len(curves["none"]) == 20
     for strategy in ("dp", "fsdp", "pmap"):
         assert _max_rel(curves[strategy], curves["none"]) < 1e-5, strategy
-        assert _params_rel(tmp_path / f"resnet-{strategy}", tmp_path / "resnet-none") < 1e-4, strategy
+        for params in ("raw", "ema"):
+            assert _params_rel(tmp_path / f"resnet-{strategy}", tmp_path / "resnet-none", params) < 1e-4, strategy
     info = json.loads((tmp_path / "resnet-fsdp" / "config.json").read_text())
     assert info["mesh"] == {"data": 1, "fsdp": 8, "model": 1} and len(info["devices"]) == 8
 
