@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastgpu_jax import data, models, optim
 from fastgpu_jax.config import ConfigError
+from fastgpu_jax.mix import MixOptions
 from fastgpu_jax.state import PRECISIONS, StepOptions, TrainState, create_train_state
 
 
@@ -56,7 +57,8 @@ def dataset_info(cfg) -> data.DatasetInfo:
 def build_model(cfg, axis_name: str | None = None):
     m = cfg.model
     return models.build(m.name, num_classes=m.num_classes, width=m.width or None, dropout_rate=m.dropout_rate,
-                        stem=m.stem, dtype=PRECISIONS[cfg.train.precision], bn_axis_name=axis_name)
+                        stem=m.stem, dtype=PRECISIONS[cfg.train.precision], bn_axis_name=axis_name,
+                        drop_path_rate=m.drop_path_rate)
 
 
 def build_optimizer(cfg):
@@ -78,8 +80,12 @@ def step_options(cfg, axis_name: str | None = None, info: data.DatasetInfo | Non
     """The step's static options; ``info``'s mean/std normalise uint8 batches on the device."""
     t = cfg.train
     stats = {"input_mean": tuple(info.mean), "input_std": tuple(info.std)} if info is not None else {}
+    d = cfg.data
+    mixing = MixOptions(mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, switch_prob=d.mixup_switch_prob,
+                        prob=d.mixup_prob)
     return StepOptions(grad_accum_steps=t.grad_accum_steps, precision=t.precision, nan_policy=t.nan_policy,
-                       loss_scale_period=t.loss_scale_period, axis_name=axis_name, **stats)
+                       loss_scale_period=t.loss_scale_period, axis_name=axis_name, label_smoothing=t.label_smoothing,
+                       mix=mixing, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup, **stats)
 
 
 def apply_kernel_tuning(cfg) -> None:
