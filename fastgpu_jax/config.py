@@ -386,6 +386,8 @@ def _ignored_keys(flat: dict[str, Any]) -> list[tuple[str, str]]:
         users = ", ".join(n for n, s in data.DATASETS.items() if key in s.options)
         if key == "augment":
             why = f"it has no augmentation (data sets with augmentation: {users})"
+        elif key == "randaugment":
+            why = f"its images are grayscale or synthetic ({dotted} applies to {users} only)"
         elif key in ("image_size", "channels", "num_examples"):
             shape = "x".join(map(str, spec.image_shape)) if spec.image_shape else "fixed"
             why = f"its images are {shape} ({dotted} applies to {users} only)"
