@@ -79,7 +79,7 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
     shardings = strategy.state_shardings(abstract)
     ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
     best_ckpt = checkpoint.Checkpointer(workdir, keep=1, subdir=checkpoint.BEST_DIR) if t.keep_best else None
-    writer, outcome = None, {}
+    writer, outcome, init_note = None, {}, ""
     try:
         if ckpt.steps():
             _check_resumable(cfg, workdir, allow_config_change, info)
@@ -95,6 +95,8 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
                 "and train from scratch")
         else:
             state = build_state(cfg, info, axis_name=strategy.axis_name, shardings=shardings)
+            if t.init_from:
+                state, init_note = _load_init(cfg, state, info)
         _write_run_info(cfg, workdir, mesh, info)
 
         writer = MetricWriter(workdir, total_steps=t.steps, initial_step=start, tensorboard=cfg.log.tensorboard,
@@ -112,7 +114,7 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
         else:
             writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
                          f"({_run_description(cfg, mesh)})")
-            for notice in _notices(cfg, mesh):
+            for notice in _notices(cfg, mesh) + ([init_note] if init_note else []):
                 writer.print(notice)
             state, last_train, last_eval, outcome = _loop(cfg, workdir, strategy, state, train_iter,
                                                           (ckpt, best_ckpt), writer, start, loop_state,
@@ -347,6 +349,25 @@ class _SkipLog:
     def take_window(self) -> int:
         count, self.window = self.window, 0
         return count
+
+
+def _load_init(cfg, state, info):
+    """``train.init_from``: the fresh state with every tensor the source has replaced (and the EMA, if kept,
+    starting from the loaded weights); the rest keeps its init. Returns (state on the host, the mapping's report
+    as one line). The loop places the state in the strategy's layout as usual."""
+    from fastgpu_jax import pretrained
+    from fastgpu_jax.state import copy
+
+    fetch = jax.device_get
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        fetch = lambda tree: multihost_utils.process_allgather(tree, tiled=True)  # noqa: E731
+    params, stats, report = pretrained.load_init(cfg.train.init_from, fetch(state.params), fetch(state.batch_stats),
+                                                 model_name=cfg.model.name, image_shape=tuple(info.image_shape))
+    ema = {"params": copy(params), "batch_stats": copy(stats)} if state.ema else state.ema
+    note = f"train.init_from: {' '.join(report.summary().split())}"
+    return state.replace(params=params, batch_stats=stats, ema=ema), note
 
 
 def _evaluate_both(eval_fn, state, strategy, cfg, writer, step: int) -> tuple[dict, dict]:

@@ -103,8 +103,6 @@ def test_resnet_logits_match_torchvision(ref, name, suffix):
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves((params, batch_stats)))
 
 
-@pytest.mark.xfail(strict=True, reason="our ResNet's 3x3 stride-2 convs use flax SAME padding, (0, 1) on an even "
-                                       "input, where torch pads (1, 1): outputs differ at even sizes (224 too)")
 @pytest.mark.parametrize("name", RESNETS)
 def test_resnet_logits_match_torchvision_at_even_sizes(ref, name):
     _, variables, apply = _model("resnet", block=RESNETS[name], size=32)

@@ -258,3 +258,28 @@ def test_recipe_config_mistakes_are_one_line_errors(overrides, words):
     with pytest.raises(fg.ConfigError, match=words) as err:
         fg.build_config({}, overrides)
     assert "\n" not in str(err.value)
+
+
+# --- train.init_from -------------------------------------------------------------------------------------------
+
+def test_init_from_a_run_starts_from_its_weights(quick_digits, trained_digits, tmp_path, capsys):
+    """A run started from another run's workdir begins at that run's params (and its EMA at them too): with a
+    vanishing lr its params after 2 steps are the source's, and so is its accuracy."""
+    src = str(trained_digits)
+    cfg = quick_digits(f"train.init_from={src}", "train.steps=2", "optimizer.lr=1e-12", "optimizer.warmup_steps=0",
+                       "train.eval_every_steps=0", "train.ema_decay=0.5")
+    fg.train(cfg, str(tmp_path / "ft"))
+    out = capsys.readouterr().out
+    assert "train.init_from:" in out and "tensors loaded" in out
+    _, source, _ = fg.restore_state(src, params="raw")
+    for params in ("raw", "ema"):
+        _, tuned, _ = fg.restore_state(str(tmp_path / "ft"), params=params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned.params, source.params)
+    assert fg.evaluate(str(tmp_path / "ft"), "test")["accuracy"] == fg.evaluate(src, "test")["accuracy"]
+
+
+def test_init_from_a_missing_file_is_a_clear_error(quick_digits, tmp_path):
+    cfg = quick_digits(f"train.init_from={tmp_path / 'nope.safetensors'}", "train.steps=2", "optimizer.warmup_steps=0")
+    with pytest.raises(FileNotFoundError, match="nope.safetensors") as err:
+        fg.train(cfg, str(tmp_path / "ft"))
+    assert "\n" not in str(err.value) and not (tmp_path / "ft").exists()  # a failed start leaves no workdir

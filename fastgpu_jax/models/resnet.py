@@ -23,6 +23,12 @@ import jax.numpy as jnp
 from fastgpu_jax.nn import Conv, Dense, DropPath
 
 
+# torchvision's padding of every 3x3 conv: one pixel on each side. flax's "SAME" pads a stride-2 conv on an even
+# input by (0, 1) instead, which shifts the sampling grid and makes pretrained torchvision/timm weights give other
+# logits (7% off on ResNet-50 at 224x224). The output shapes are the same either way.
+_PAD3 = ((1, 1), (1, 1))
+
+
 def _last_bn_init(zero_init_residual: bool):
     return nn.initializers.zeros_init() if zero_init_residual else nn.initializers.ones_init()
 
@@ -39,9 +45,9 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         residual = x
-        y = self.conv(self.filters, (3, 3), self.strides)(x)
+        y = self.conv(self.filters, (3, 3), self.strides, padding=_PAD3)(x)
         y = nn.relu(self.norm()(y))
-        y = self.conv(self.filters, (3, 3))(y)
+        y = self.conv(self.filters, (3, 3), padding=_PAD3)(y)
         y = self.norm(scale_init=_last_bn_init(self.zero_init_residual))(y)
         if residual.shape != y.shape:
             residual = self.norm(name="proj_bn")(
@@ -62,7 +68,7 @@ class BottleneckBlock(nn.Module):
     def __call__(self, x):
         residual = x
         y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
-        y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+        y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides, padding=_PAD3)(y)))
         y = self.conv(4 * self.filters, (1, 1))(y)
         y = self.norm(scale_init=_last_bn_init(self.zero_init_residual))(y)
         if residual.shape != y.shape:
@@ -95,7 +101,7 @@ class ResNet(nn.Module):
             x = nn.relu(norm(name="stem_bn")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         elif self.stem == "cifar":
-            x = nn.relu(norm(name="stem_bn")(conv(self.width, (3, 3), name="stem_conv")(x)))
+            x = nn.relu(norm(name="stem_bn")(conv(self.width, (3, 3), padding=_PAD3, name="stem_conv")(x)))
         else:
             raise ValueError(f"ResNet stem {self.stem!r} is unknown; use imagenet or cifar")
         blocks, index = sum(self.stage_sizes), 0
