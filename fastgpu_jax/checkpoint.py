@@ -114,6 +114,10 @@ class Checkpointer:
         if saved is None:
             raise _Corrupt(f"{path} has no readable state metadata")
         _check_compatible(path, saved, target)
+        # A field that is empty in this state (no EMA kept, say) may be absent from a checkpoint written before the
+        # field existed: restore without it rather than calling a good checkpoint's structure corrupt.
+        absent = [k for k, v in target.items() if k not in saved and not jax.tree.leaves(v)]
+        target = {k: v for k, v in target.items() if k not in absent}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
                                   loop=ocp.args.JsonRestore())
@@ -121,7 +125,8 @@ class Checkpointer:
             out = self.manager.restore(step, args=args)
         if out["data"] is None or out["loop"] is None:
             raise _Corrupt(f"{path} lacks its data or loop item")
-        return flax.serialization.from_state_dict(target_state, out["state"]), out["data"], out["loop"]
+        state = {**out["state"], **{k: {} for k in absent}}
+        return flax.serialization.from_state_dict(target_state, state), out["data"], out["loop"]
 
     def _skip_corrupt(self, step: int, reason: str, set_aside: bool) -> None:
         src = os.path.join(self.directory, str(step))

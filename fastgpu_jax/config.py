@@ -564,4 +564,6 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if new.get("optimizer.schedule") != "constant":
         allowed.discard("train.steps")  # the schedule spans train.steps: changing it changes every lr
     keys = set(old) | set(new)
-    return sorted(k for k in keys if old.get(k) != new.get(k) and k not in allowed)
+    # A key the old config lacks was added since that run was written; its default keeps what the run computed.
+    was = lambda k: old[k] if k in old or k not in SCHEMA else SCHEMA[k].default  # noqa: E731
+    return sorted(k for k in keys if was(k) != new.get(k) and k not in allowed)

@@ -283,3 +283,31 @@ def test_init_from_a_missing_file_is_a_clear_error(quick_digits, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors") as err:
         fg.train(cfg, str(tmp_path / "ft"))
     assert "\n" not in str(err.value) and not (tmp_path / "ft").exists()  # a failed start leaves no workdir
+
+
+# --- runs written before these keys existed ----------------------------------------------------------------------
+
+def test_a_checkpoint_and_config_from_before_the_ema_field_still_resume(quick_digits, tmp_path):
+    """A checkpoint without the ``ema`` field (written by an earlier version) restores into a state that keeps no
+    EMA; it is neither called corrupt nor moved. A config.json without the new keys reads as their defaults."""
+    import flax.serialization
+
+    from fastgpu_jax import checkpoint, config as config_lib
+    from fastgpu_jax.state import with_shardings
+
+    cfg = quick_digits()
+    state = fg.build_state(cfg)
+    old = flax.serialization.to_state_dict(state)
+    del old["ema"]
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(7, old, {"position": 1}, {"pending": []})
+    abstract = fg.build_state(cfg, abstract=True)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored, _, _, step = ckpt.restore_latest(with_shardings(abstract, jax.tree.map(lambda _: device, abstract)),
+                                               set_aside_corrupt=True)
+    ckpt.close()
+    assert step == 7 and restored.ema == {} and not (tmp_path / "checkpoints_corrupt").exists()
+    jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+    flat = config_lib.to_flat_dict(cfg)
+    older = {k: v for k, v in flat.items() if not k.startswith(("train.ema", "data.mix", "data.cutmix"))}
+    assert config_lib.changed_keys(older, flat) == []
