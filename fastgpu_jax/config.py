@@ -332,7 +332,8 @@ def _validate_recipe(flat: dict[str, Any]) -> None:
     per_micro_batch = flat["data.batch_size"] // flat["train.grad_accum_steps"]
     if mixing and per_micro_batch % 2:
         raise ConfigError(f"data.mixup_alpha/cutmix_alpha mix neighbouring examples in pairs, so data.batch_size / "
-                          f"train.grad_accum_steps must be even (and divisible by 2 x devices); it is {per_micro_batch}")
+                          "train.grad_accum_steps must be even (and divisible by 2 x devices); it is "
+                          f"{per_micro_batch}")
 
 
 def _validate_combinations(flat: dict[str, Any]) -> None:

@@ -4,8 +4,8 @@ Array fields (saved in checkpoints): ``step``, ``params``, ``batch_stats`` (empt
 BatchNorm), ``opt_state``, ``rng`` (the run's base key; the key of step s is ``fold_in(rng, s)``, so dropout
 does not depend on how many steps ran in this process), ``loss_scale`` and ``good_steps`` (dynamic loss
 scaling, float16 only; 1.0 and 0 otherwise), ``ema`` (``{"params", "batch_stats"}``: the weight EMA when
-``options.ema_decay`` > 0, starting at the init; ``{}`` otherwise). Static fields (not saved): ``apply_fn``, ``tx``, ``lr_fn`` and
-``options``, which are rebuilt from the config.
+``options.ema_decay`` > 0, starting at the init; ``{}`` otherwise). Static fields (not saved): ``apply_fn``,
+``tx``, ``lr_fn`` and ``options``, which are rebuilt from the config.
 """
 
 from __future__ import annotations

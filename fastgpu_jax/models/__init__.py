@@ -5,9 +5,9 @@ Every model maps ``(images (N, H, W, C), train: bool) -> logits (N, num_classes)
 
 The registry is also the one place that knows which model acts on which of the optional ``model.*`` config
 keys (``OPTIONAL_KEYS``: width, stem, dropout_rate, drop_path_rate). The config takes the allowed
-``model.name`` values and these facts from here (``names``, ``accepted_keys``, ``why_ignored``): a model added with ``register`` — in
-a config file's body, say — is usable by name, and a config that sets a key its model would ignore is
-refused at load time instead of silently doing nothing.
+``model.name`` values and these facts from here (``names``, ``accepted_keys``, ``why_ignored``): a model added
+with ``register`` — in a config file's body, say — is usable by name, and a config that sets a key its model
+would ignore is refused at load time instead of silently doing nothing.
 """
 
 from __future__ import annotations
