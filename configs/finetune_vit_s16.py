@@ -1,8 +1,9 @@
 """Fine-tune a pretrained ViT-S/16 (timm weights) on your own image folder at 224x224.
 
 Weights: any timm ViT-S/16 checkpoint as .safetensors (or .pth), e.g. timm's
-`vit_small_patch16_224.augreg_in21k_ft_in1k` `model.safetensors` from the Hugging Face hub. The loader maps timm's names onto ours, resizes the position
-embedding if data.image_size differs from the checkpoint's, and re-initialises the head for your class count (it
+`vit_small_patch16_224.augreg_in21k_ft_in1k` `model.safetensors` from the Hugging Face hub. The loader maps timm's
+names onto ours, resizes the position embedding if data.image_size differs from the checkpoint's, and re-initialises
+the head for your class count (it
 prints every tensor it could not map). Data: data.dir/train/<class>/*.jpg and data.dir/val/<class>/*.jpg.
 Run:
     fastgpu-jax train --config configs/finetune_vit_s16.py --workdir runs/ft_vits16 --config.data.dir=PATH \
