@@ -67,6 +67,11 @@ PARAMS_CHOICES = ("auto", "raw", "ema")
 CHECKPOINT_CHOICES = ("latest", "best")
 
 
+def uses_ema(cfg, params: str) -> bool:
+    """Whether ``params`` (auto|raw|ema) means the run's weight EMA: auto does when the run kept one."""
+    return params == "ema" or (params == "auto" and bool(cfg.train.ema_decay))
+
+
 def restore_state(workdir: str, cfg=None, *, params: str = "auto", which: str = "latest"):
     """(cfg, state, step): the newest good checkpoint of ``workdir`` restored into a fresh state.
 
@@ -99,7 +104,7 @@ def restore_state(workdir: str, cfg=None, *, params: str = "auto", which: str = 
         hint = "train with train.keep_best=METRIC" if which == "best" else "train first"
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, folder)}: {hint}")
     state, _, _, step = restored
-    if params == "ema" or (params == "auto" and state.ema):
+    if uses_ema(cfg, params):
         state = steps.ema_view(state)
     return cfg, state, step
 
@@ -116,8 +121,7 @@ def evaluate(workdir: str, split: str = "test", *, data_dir: str | None = None, 
                                 **data_kwargs(cfg), **loader_kwargs(cfg))
     with nn.default_backend(cfg.model.backend):  # the run's op backend, as in training
         metrics = run_eval(jax.jit(steps.eval_step), state, batches)
-    used = "ema" if params == "ema" or (params == "auto" and cfg.train.ema_decay) else "raw"
-    return {"split": split, "step": step, "params": used, **metrics}
+    return {"split": split, "step": step, "params": "ema" if uses_ema(cfg, params) else "raw", **metrics}
 
 
 def predict(workdir: str, images: np.ndarray, *, batch_size: int | None = None, params: str = "auto",

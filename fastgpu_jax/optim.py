@@ -19,7 +19,7 @@ import jax
 import optax
 
 from fastgpu_jax.config import ConfigError
-from fastgpu_jax.parallel.strategies import _path_name
+from fastgpu_jax.parallel.strategies import path_name
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step", "one_cycle")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "lars", "lion")
@@ -169,14 +169,14 @@ _NO_RULE = ParamRule("")  # a leaf no rule matches: every knob at its default
 def _matched_rules(tree, rules: Sequence[ParamRule]):
     """The first rule matching each leaf's path (``_NO_RULE`` if none). A rule that matches no path at all is
     a ConfigError: a mistyped regex would otherwise silently change nothing."""
-    names = [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     for rule in rules:
         if not any(re.search(rule.regex, name) for name in names):
             raise ConfigError(f"optimizer.param_rules regex {rule.regex!r} matches no parameter (paths look like "
                               f"{names[0]!r})")
 
     def first(path, _):
-        name = _path_name(path)
+        name = path_name(path)
         return next((rule for rule in rules if re.search(rule.regex, name)), _NO_RULE)
 
     return jax.tree_util.tree_map_with_path(first, tree)
@@ -196,7 +196,7 @@ def _leaf_decays(tree, rules: Sequence[ParamRule], weight_decay: float):
 def _layer_exponents(tree, layer_decay: float, model_name: str):
     """BEiT's layer-wise lr decay exponents: block i of L -> L - i, embeddings -> L + 1, the rest (final norm,
     head) -> 0. Only the path's first component counts (our ViT's module names)."""
-    tops = [_path_name(path).split("/")[0] for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    tops = [path_name(path).split("/")[0] for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     blocks = [int(m.group(1)) for m in map(_BLOCK.fullmatch, tops) if m]
     if not blocks:
         raise ConfigError(f"optimizer.layer_decay={layer_decay} needs encoder blocks named block0..block<L-1> (a "
@@ -204,7 +204,7 @@ def _layer_exponents(tree, layer_decay: float, model_name: str):
     depth = max(blocks) + 1
 
     def exponent(path, _):
-        top = _path_name(path).split("/")[0]
+        top = path_name(path).split("/")[0]
         block = _BLOCK.fullmatch(top)
         if block:
             return depth - int(block.group(1))

@@ -104,13 +104,13 @@ def _train(cfg, workdir: str, allow_config_change: bool) -> dict:
                               wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
                               run_config=config_lib.to_flat_dict(cfg))
         writer.truncate_after(start)  # only now is the restored step known; cut rows go to metrics.jsonl.N.bak
-        stopped = _BestTracker(t, loop_state.get("best")).stopped
-        if start >= t.steps or stopped:  # nothing to do: say so, and report the run's last logged metrics
-            why = ("it stopped early; raise train.early_stop_patience" if stopped else "raise train.steps")
+        tracker = _BestTracker(t, loop_state.get("best"))
+        if start >= t.steps or tracker.stopped:  # nothing to do: say so, and report the run's last logged metrics
+            why = ("it stopped early; raise train.early_stop_patience" if tracker.stopped else "raise train.steps")
             writer.print(f"already finished at step {start}/{t.steps} in {workdir}; nothing to train ({why} with "
                          "--allow-config-change to go on)")
             last_train, last_eval = _last_logged(workdir, t.eval_split)
-            outcome = _BestTracker(t, loop_state.get("best")).summary()
+            outcome = tracker.summary()
         else:
             writer.print(f"{'resuming at' if start else 'starting'} step {start}/{t.steps} in {workdir} "
                          f"({_run_description(cfg, mesh)})")

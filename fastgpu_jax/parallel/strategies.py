@@ -140,7 +140,8 @@ class DataParallel(_Sharded):
         return jax.jit(self._map(eval_step, P()))
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+    """A leaf's path as the rules read it, "block3/mlp/fc1/kernel" (fsdp_rules, optimizer.param_rules)."""
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -168,7 +169,7 @@ def partition_specs(tree, rules: list[tuple[str, str]], fsdp_size: int):
     the leaf's path decides; unmatched leaves and scalars are replicated."""
 
     def spec_for(path, leaf):
-        name, shape = _path_name(path), np.shape(leaf)
+        name, shape = path_name(path), np.shape(leaf)
         for regex, spec in rules:
             if not re.search(regex, name) or not shape:
                 continue
