@@ -1,20 +1,35 @@
-"""The one seam between our kernels and a Pallas GPU lowering.
+"""The one seam between our kernels and a Pallas GPU lowering: which lowering a kernel launches on.
 
-Every kernel launches through ``launch(...)`` here. Today that selects the **Triton** lowering (by passing
-``pallas.triton.CompilerParams``): it is the one source that runs in CPU interpret mode (tests) and on
-Ampere and Hopper GPUs alike, verified on jax 0.11.x. Pallas 0.11 deprecates the Triton backend in favour
-of Mosaic GPU; when it goes, a Mosaic GPU body can be chosen here per kernel without touching callers.
+Two lowerings, chosen per kernel here and nowhere else (``chosen``):
+
+* **Mosaic GPU** (``launch_mosaic``, ``plgpu.kernel``): Hopper-native (TMA, wgmma, warp specialisation,
+  persistent grids); sm_90 and newer only. Kernels with a Mosaic body: the matmul (``matmul_mgpu.py``).
+* **Triton** (``launch``, ``pl.pallas_call`` with ``pallas.triton.CompilerParams``): runs on Ampere and Hopper;
+  deprecated since jax 0.11 ("to be removed in a future version"), so it is the fallback: pre-Hopper GPUs and
+  kernels without a Mosaic body (the conv).
+
+``model.pallas_lowering`` / ``use_lowering(...)`` = ``auto`` (default: Mosaic on sm_90+ where a kernel has a body,
+unless ``tuning.LOWERING_MEASURED`` records Triton faster for that op and shape class; Triton elsewhere; on CPU
+the Triton interpreter, the fast one), ``triton`` or ``mosaic`` (forced; a kernel without a Mosaic body still
+uses Triton, and Mosaic on a pre-Hopper GPU is an error). On CPU each lowering runs in its own interpreter:
+Triton in Pallas' ``interpret=True``, Mosaic in the Mosaic GPU interpreter (private in jax 0.10-0.11, reached
+only through ``mosaic_interpreter()`` with a version guard).
+
+Triton's deprecation warning is filtered here by its exact text and nothing else.
 
 Triton-lowering rules the kernels obey (checked by tests that lower for CUDA on a CPU machine):
 every array inside a kernel has power-of-2 dimensions, dot dimensions are >= 16, inputs are padded to block
 multiples (interpret mode fills out-of-bounds reads with NaN; a GPU reads garbage), and no output block is
-accumulated across a grid axis (the reduction loop runs inside the kernel).
+accumulated across a grid axis (the reduction loop runs inside the kernel). Mosaic GPU lowering from CPU checks
+shared memory against the H100's limit ("exceeds available shared memory"), which the tuning tests rely on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
+import warnings
 from typing import Iterator
 
 import jax
@@ -22,6 +37,60 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+
+TRITON_DEPRECATION = ("The Pallas Triton backend is deprecated and will be removed in a future JAX version. To "
+                      "keep using Pallas on GPU, please migrate to the Mosaic GPU backend.")
+# Emitted (jax >= 0.11) each time a Triton kernel lowers; the seam already sends Hopper to Mosaic GPU.
+warnings.filterwarnings("ignore", message=re.escape(TRITON_DEPRECATION), category=DeprecationWarning)
+
+LOWERINGS = ("auto", "triton", "mosaic")
+MOSAIC_BODIES = frozenset({"matmul"})  # kernels with a Mosaic GPU body
+_lowering: contextvars.ContextVar[str] = contextvars.ContextVar("fastgpu_lowering", default="auto")
+
+
+def check_lowering(name: str) -> str:
+    if name not in LOWERINGS:
+        raise ValueError(f"model.pallas_lowering={name!r} is not one of {LOWERINGS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_lowering(name: str) -> Iterator[None]:
+    """Kernels traced inside use lowering ``name`` ("auto", "triton" or "mosaic")."""
+    token = _lowering.set(check_lowering(name))
+    try:
+        yield
+    finally:
+        _lowering.reset(token)
+
+
+def requested() -> str:
+    return _lowering.get()
+
+
+def is_hopper(kind: str) -> bool:
+    """sm_90 or newer: the GPU kind the tuning table names (H100/H200, also when lowering for one from CPU),
+    else the device's compute capability."""
+    if kind in ("H100", "H200", "B200"):
+        return True
+    if kind == "cpu" or jax.default_backend() != "gpu":
+        return False
+    return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
+
+
+def chosen(op: str, kind: str, measured_triton_faster: bool = False) -> str:
+    """"mosaic" or "triton" for a kernel ``op`` on GPU ``kind`` under the requested lowering."""
+    want = _lowering.get()
+    if op not in MOSAIC_BODIES or want == "triton":
+        return "triton"
+    if want == "mosaic":
+        if kind != "cpu" and not is_hopper(kind):
+            raise ValueError(f"pallas_lowering='mosaic' needs an sm_90+ GPU (Hopper); this is a {kind!r}: "
+                             f"use 'auto' or 'triton'")
+        return "mosaic"
+    on_gpu = kind != "cpu" and (_for_gpu.get() or jax.default_backend() == "gpu")
+    return "mosaic" if on_gpu and is_hopper(kind) and not measured_triton_faster else "triton"
 
 
 _for_gpu: contextvars.ContextVar[bool] = contextvars.ContextVar("fastgpu_for_gpu", default=False)
@@ -67,11 +136,61 @@ def launch(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int, num_
     """``pl.pallas_call`` on the Triton lowering (or the interpreter); returns the callable: ``launch(...)(*args)``.
     ``macs`` (useful, executed) only feeds ``record_launches``."""
     if (rows := _launches.get()) is not None:
-        rows.append(dict(name=name, grid=list(grid), warps=num_warps, stages=num_stages, macs=macs))
+        rows.append(dict(name=name, lowering="triton", grid=list(grid), warps=num_warps, stages=num_stages, macs=macs))
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret_default(interpret), name=name)
+
+
+def plgpu():
+    """``jax.experimental.pallas.mosaic_gpu``, imported on first use (it pulls in the Mosaic GPU compiler)."""
+    from jax.experimental.pallas import mosaic_gpu
+    return mosaic_gpu
+
+
+MOSAIC_INTERPRETER_MISSING = ("the Mosaic GPU interpreter (jax._src.pallas.mosaic_gpu.interpret, private) is not "
+                              "in jax {}: Mosaic GPU kernels cannot run on CPU here")
+
+
+def mosaic_interpreter():
+    """The Mosaic GPU interpreter's params (simulated threads, TMA and barriers on CPU), or None where this jax
+    lacks that private module (it exists in jax 0.10.2 through 0.12; its path may move)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        return None
+    return InterpretGPUParams()
+
+
+_SMS = {"H100": 132, "H200": 132, "B200": 148}
+INTERPRET_SMS = 2  # CTAs the interpreter simulates: enough to exercise the persistent loop, still quick
+
+
+def num_sms(kind: str, interpret: bool) -> int:
+    """CTAs in a persistent grid: one per SM."""
+    if interpret:
+        return INTERPRET_SMS
+    if jax.default_backend() == "gpu" and not _for_gpu.get():
+        return jax.devices()[0].core_count
+    return _SMS.get(kind, 132)
+
+
+def launch_mosaic(kernel, *, out_shape, sms: int, interpret: bool, name: str,
+                  macs: tuple[int, int] | None = None):
+    """A persistent, warp-specialised Mosaic GPU kernel: ``sms`` CTAs (grid axis "sm") of three warpgroups
+    (axis "wg": two compute, one memory). Returns the callable, like ``launch``."""
+    if (rows := _launches.get()) is not None:
+        rows.append(dict(name=name, lowering="mosaic", grid=[sms], warps=12, stages=None, macs=macs))
+    mgpu = plgpu()
+    params = None
+    if interpret:
+        params = mosaic_interpreter()
+        if params is None:
+            raise RuntimeError(MOSAIC_INTERPRETER_MISSING.format(jax.__version__))
+    return mgpu.kernel(kernel, out_type=out_shape, grid=(sms,), grid_names=("sm",), num_threads=3,
+                       thread_name="wg", interpret=params,
+                       compiler_params=mgpu.CompilerParams(lowering_semantics=mgpu.LoweringSemantics.Warpgroup))
 
 
 def round_up(x: int, multiple: int) -> int:

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from fastgpu_jax.pallas_kernels import tuning
+from fastgpu_jax.pallas_kernels import lowering, matmul_mgpu, tuning
+from fastgpu_jax.pallas_kernels.epilogue import act_grad, activate
 from fastgpu_jax.pallas_kernels.lowering import div_mod, launch, pad_axis
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_exact")  # gelu: tanh form (flax's default); gelu_exact: erf form
@@ -46,49 +47,6 @@ _TN = (((0,), (0,)), ((), ()))  # (m, k)ᵀ @ (m, n)
 
 
 # --- helpers shared with conv2d --------------------------------------------------------------------------
-
-_SQRT_HALF = 0.7071067811865476
-# erf(x) = x * P(x²) / Q(x²) on [-4, 4] (Eigen's and XLA's float32 approximation, a few ulp): the Triton
-# lowering has no erf, and ViT's MLP uses the exact (erf) GELU.
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)
-
-
-def _erf(x):
-    x = jnp.clip(x, -4.0, 4.0)
-    x2 = x * x
-    p = functools.reduce(lambda acc, c: acc * x2 + c, _ERF_P[1:], jnp.full_like(x, _ERF_P[0]))
-    q = functools.reduce(lambda acc, c: acc * x2 + c, _ERF_Q[1:], jnp.full_like(x, _ERF_Q[0]))
-    return x * p / q
-
-
-def activate(z, activation):
-    if activation == "relu":
-        return jnp.maximum(z, 0.0)
-    if activation == "gelu":
-        return jax.nn.gelu(z, approximate=True)  # flax.linen.gelu's default
-    if activation == "gelu_exact":
-        return 0.5 * z * (1.0 + _erf(z * _SQRT_HALF))
-    return z
-
-
-def act_grad(dy, saved, activation):
-    """dZ = dY * act'(·) in float32: ``saved`` is the output for relu and the pre-activation for gelu."""
-    dy = dy.astype(jnp.float32)
-    if activation == "relu":
-        return jnp.where(saved.astype(jnp.float32) > 0, dy, 0.0)
-    if activation == "gelu":
-        z = saved.astype(jnp.float32)
-        c = 0.7978845608028654  # sqrt(2 / pi)
-        t = jnp.tanh(c * (z + 0.044715 * z * z * z))
-        return dy * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z))
-    if activation == "gelu_exact":
-        z = saved.astype(jnp.float32)
-        return dy * (0.5 * (1.0 + _erf(z * _SQRT_HALF)) + z * jnp.exp(-0.5 * z * z) * 0.3989422804014327)
-    return dy
-
 
 def grouped(p, tiles_m: int, tiles_n: int):
     """Program ``p`` of a 1-D grid -> output tile (i, j), walking GROUP_M tile rows at a time."""
@@ -194,9 +152,22 @@ def _tile_launch(kernel, name, args, in_specs, out_dtypes, out_rows, out_cols, b
     return (outs, False) if splits == 1 else ([outs[0].sum(axis=0)], True)
 
 
-def _forward(a, b, bias, activation, out_dtype, blocks, interpret):
+def _split_epilogue(z, bias, activation, out_dtype, save_z):
+    """(y, z or None) from the float32 sum of split-K partials: the epilogue in XLA."""
+    z = z if bias is None else z + bias.astype(jnp.float32)
+    return activate(z, activation).astype(out_dtype), (z.astype(out_dtype) if save_z else None)
+
+
+def _forward(a, b, bias, activation, out_dtype, blocks, interpret, lower="triton"):
     """(y, z or None) for 2-D a (M, K), b (K, N); z is the pre-activation, kept only for gelu."""
     (m, k), n = a.shape, b.shape[1]
+    save_z = activation in ("gelu", "gelu_exact")
+    if lower == "mosaic":
+        outs, split = matmul_mgpu.gemm(a, b, bias, activation=activation, save_z=save_z, out_dtype=out_dtype,
+                                       blocks=_mosaic(blocks), interpret=interpret)
+        if split:
+            return _split_epilogue(outs[0], bias, activation, out_dtype, save_z)
+        return outs[0], (outs[1] if save_z else None)
     bl = tuning.matmul_blocks(m, n, k, blocks, dtype=a.dtype)
     a_p = pad_axis(pad_axis(a, 0, bl.block_m), 1, bl.block_k)
     b_p = pad_axis(pad_axis(b, 0, bl.block_k), 1, bl.block_n)
@@ -206,20 +177,31 @@ def _forward(a, b, bias, activation, out_dtype, blocks, interpret):
     if bias is not None:
         args.append(pad_axis(bias.reshape(1, n), 1, bl.block_n))
         in_specs.append(((1, bl.block_n), lambda i, j: (0, j)))
-    save_z = activation in ("gelu", "gelu_exact")
     kernel = functools.partial(_forward_kernel, bk=bl.block_k, activation=activation,
                                has_bias=bias is not None, save_z=save_z)
     outs, split = _tile_launch(kernel, "matmul_fwd", args, in_specs, [out_dtype] * (2 if save_z else 1), mp, np_,
                                bl, kp // bl.block_k, interpret, m * n * k)
     if split:  # the split-K partials were summed: the epilogue runs here, in XLA
-        z = outs[0][:m, :n]
-        z = z if bias is None else z + bias.astype(jnp.float32)
-        return activate(z, activation).astype(out_dtype), (z.astype(out_dtype) if save_z else None)
+        return _split_epilogue(outs[0][:m, :n], bias, activation, out_dtype, save_z)
     return outs[0][:m, :n], (outs[1][:m, :n] if save_z else None)
 
 
-def _grad_a(dy, saved, b, activation, blocks, interpret):
+def _mosaic(blocks):
+    """The blocks argument as the Mosaic body reads it: its own tiles, or None for a Triton block override."""
+    return blocks if isinstance(blocks, tuning.MosaicMatmulBlocks) else None
+
+
+def _dz(dy, saved, activation, dtype):
+    """dZ = dY·act'(·) materialised once in ``dtype`` (one fused XLA pass): the Mosaic gradient GEMMs read it."""
+    return (act_grad(dy, saved, activation) if activation else dy).astype(dtype)
+
+
+def _grad_a(dy, saved, b, activation, blocks, interpret, lower="triton"):
     """dA (M, K) = dZ (M, N) · Bᵀ, reducing over N."""
+    if lower == "mosaic":
+        (da,), _ = matmul_mgpu.gemm(_dz(dy, saved, activation, b.dtype), b, trans_b=True, out_dtype=b.dtype,
+                                    blocks=_mosaic(blocks), interpret=interpret)
+        return da.astype(b.dtype)
     (m, n), k = dy.shape, b.shape[0]
     bl = tuning.matmul_blocks(m, k, n, blocks, dtype=b.dtype)  # tiles over (M, K); reduce N by block_k
     bm, bk_out, bn = bl.block_m, bl.block_n, bl.block_k
@@ -239,8 +221,12 @@ def _grad_a(dy, saved, b, activation, blocks, interpret):
     return da[:m, :k].astype(b.dtype)  # float32 when the reduction was split
 
 
-def _grad_b(a, dy, saved, activation, blocks, interpret):
+def _grad_b(a, dy, saved, activation, blocks, interpret, lower="triton"):
     """dB (K, N) = Aᵀ · dZ, reducing over M (split over programs when the K x N tiles are few)."""
+    if lower == "mosaic":
+        (db,), _ = matmul_mgpu.gemm(a, _dz(dy, saved, activation, a.dtype), trans_a=True, out_dtype=a.dtype,
+                                    blocks=_mosaic(blocks), interpret=interpret)
+        return db.astype(a.dtype)
     (m, k), n = a.shape, dy.shape[1]
     bl = tuning.matmul_blocks(k, n, m, blocks, dtype=a.dtype)  # tiles over (K, N); reduce M by block_k
     bk_out, bn, bm = bl.block_m, bl.block_n, bl.block_k
@@ -260,25 +246,25 @@ def _grad_b(a, dy, saved, activation, blocks, interpret):
 
 # --- custom_vjp wiring ------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _matmul2d(a, b, bias, activation, out_dtype, blocks, interpret):
-    return _forward(a, b, bias, activation, out_dtype, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _matmul2d(a, b, bias, activation, out_dtype, blocks, interpret, lower):
+    return _forward(a, b, bias, activation, out_dtype, blocks, interpret, lower)[0]
 
 
-def _matmul2d_fwd(a, b, bias, activation, out_dtype, blocks, interpret):
+def _matmul2d_fwd(a, b, bias, activation, out_dtype, blocks, interpret, lower):
     # symbolic_zeros: the inputs arrive as CustomVJPPrimal(value, perturbed), so a gradient nobody asked
     # for (the image input of a first layer) is never computed, not even traced.
     need_a, need_b = a.perturbed, b.perturbed
     a, b, bias = a.value, b.value, unwrap(bias)
-    y, z = _forward(a, b, bias, activation, out_dtype, blocks, interpret)
+    y, z = _forward(a, b, bias, activation, out_dtype, blocks, interpret, lower)
     saved = y if activation == "relu" else z
     return y, (a if need_b else None, b if need_a else None, bias, saved)
 
 
-def _matmul2d_bwd(activation, out_dtype, blocks, interpret, residuals, dy):
+def _matmul2d_bwd(activation, out_dtype, blocks, interpret, lower, residuals, dy):
     a, b, bias, saved = residuals
-    da = None if b is None else _grad_a(dy, saved, b, activation, blocks, interpret)
-    db = None if a is None else _grad_b(a, dy, saved, activation, blocks, interpret)
+    da = None if b is None else _grad_a(dy, saved, b, activation, blocks, interpret, lower)
+    db = None if a is None else _grad_b(a, dy, saved, activation, blocks, interpret, lower)
     # dbias is one XLA reduction with dZ fused into it (nothing materialised, no extra launch).
     dbias = None if bias is None else act_grad(dy, saved, activation).sum(axis=0).astype(bias.dtype)
     return da, db, dbias
@@ -289,6 +275,14 @@ _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd, symbolic_zeros=True)
 
 # --- public -----------------------------------------------------------------------------------------------
 
+def chosen_lowering(m: int, k: int, n: int) -> str:
+    """"mosaic" or "triton" for an (m, k) @ (k, n) matmul here (``lowering.chosen``; decided once per call, so
+    the backward runs on the forward's lowering)."""
+    kind = tuning.device_kind()
+    slow = tuning.TRITON_FASTER_THAN_MOSAIC.get((kind, "matmul", tuning.matmul_shape_class(m, n, k)), False)
+    return lowering.chosen("matmul", kind, slow)
+
+
 def matmul(a, b, bias=None, activation=None, *, out_dtype=None, blocks: tuning.MatmulBlocks | None = None,
            interpret: bool | None = None):
     """``act(a @ b + bias)`` for a (..., K), b (K, N), bias (N,) or None; activation one of ``ACTIVATIONS``
@@ -296,7 +290,9 @@ def matmul(a, b, bias=None, activation=None, *, out_dtype=None, blocks: tuning.M
 
     Inputs are promoted to a common dtype (float32 or bfloat16 are the tuned cases); accumulation is float32;
     the result has ``out_dtype`` (default: the input dtype). Leading batch dims of ``a`` are flattened into M.
-    ``blocks`` overrides the tuning table; ``interpret`` defaults to True on CPU. Differentiable in a, b, bias.
+    ``blocks`` overrides the tuning table (``MatmulBlocks`` for the Triton body, ``MosaicMatmulBlocks`` for the
+    Mosaic GPU one); ``interpret`` defaults to True on CPU. The lowering is ``lowering.chosen`` (see
+    ``lowering.use_lowering``). Differentiable in a, b, bias.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"matmul activation {activation!r} is unknown; use one of {ACTIVATIONS}")
@@ -308,5 +304,6 @@ def matmul(a, b, bias=None, activation=None, *, out_dtype=None, blocks: tuning.M
     out_dtype = jnp.dtype(out_dtype or dtype)
     lead = a.shape[:-1]
     a2 = a.reshape((-1, a.shape[-1])).astype(dtype)
-    y = _matmul2d(a2, b.astype(dtype), bias, activation, out_dtype, blocks, interpret)
+    lower = chosen_lowering(*a2.shape, b.shape[1])
+    y = _matmul2d(a2, b.astype(dtype), bias, activation, out_dtype, blocks, interpret, lower)
     return y.reshape(lead + (b.shape[1],))

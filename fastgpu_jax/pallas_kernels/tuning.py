@@ -36,6 +36,20 @@ class MatmulBlocks:
 
 
 @dataclasses.dataclass(frozen=True)
+class MosaicMatmulBlocks:
+    """The Mosaic GPU matmul (``matmul_mgpu.py``): each of a CTA's two compute warpgroups owns a ``tile_m`` x
+    ``tile_n`` accumulator (the CTA tile is tile_m x 2·tile_n), the pipeline keeps ``stages`` K-steps of
+    ``tile_k`` in flight, the epilogue stores ``epi_n``-column slices, and CTAs walk tiles in bands of ``group``."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    stages: int = 4
+    epi_n: int = 64
+    group: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class ConvBlocks:
     """Implicit-GEMM conv: ``block_m`` output pixels (over batch, rows and columns jointly) x ``block_n``
     output channels per program, reducing ``block_k`` input channels of one tap per step."""
@@ -124,20 +138,44 @@ TABLE: dict[tuple[str, str, str, str], MatmulBlocks | ConvBlocks] = {
     ("H100", "conv2d", "medium", _F): ConvBlocks(128, 64, 32, 4, 3),
     ("H100", "conv2d", "small", _F): ConvBlocks(128, 64, 32, 4, 3),
 }
+# Mosaic GPU matmul (Hopper only; "default" rows serve the interpreter). Shared memory per CTA is
+# stages x (tile_m + 2·tile_n) x tile_k x itemsize + the epilogue's 2 x 2 x 64 x epi_n x out itemsize; tests lower
+# every H100 row for CUDA from CPU, which checks it against the 227 KB limit. f32 is read as TF32, 32 per row.
+_MOSAIC = MosaicMatmulBlocks
+TABLE.update({
+    ("default", "matmul_mgpu", "large", _B): _MOSAIC(128, 128, 64, 4),
+    ("default", "matmul_mgpu", "medium", _B): _MOSAIC(128, 128, 64, 4),
+    ("default", "matmul_mgpu", "small", _B): _MOSAIC(64, 64, 64, 4),
+    ("default", "matmul_mgpu", "large", _F): _MOSAIC(128, 128, 32, 4),
+    ("default", "matmul_mgpu", "medium", _F): _MOSAIC(128, 128, 32, 4),
+    ("default", "matmul_mgpu", "small", _F): _MOSAIC(64, 64, 32, 4),
+    ("H100", "matmul_mgpu", "large", _B): _MOSAIC(128, 128, 64, 4),
+    ("H100", "matmul_mgpu", "medium", _B): _MOSAIC(128, 128, 64, 4),
+    ("H100", "matmul_mgpu", "small", _B): _MOSAIC(64, 64, 64, 4),
+    ("H100", "matmul_mgpu", "large", _F): _MOSAIC(128, 128, 32, 4),
+    ("H100", "matmul_mgpu", "medium", _F): _MOSAIC(128, 128, 32, 4),
+    ("H100", "matmul_mgpu", "small", _F): _MOSAIC(64, 64, 32, 4),
+})
 # An H200 is an H100 with more (and faster) HBM: same SMs, same shared memory, same rows.
 TABLE.update({("H200", *key[1:]): b for key, b in TABLE.items() if key[0] == "H100"})
 
 FASTER_THAN_XLA: dict[tuple[str, str, str], bool] = {}
+# (GPU kind, op, shape class) -> True where a benchmark measured the Triton body faster than the Mosaic GPU one:
+# ``auto`` then keeps Triton there on Hopper. Empty until a GPU run fills it (gpu_suite.sh's Mosaic rows).
+TRITON_FASTER_THAN_MOSAIC: dict[tuple[str, str, str], bool] = {}
+_BLOCK_TYPES = {"matmul": MatmulBlocks, "conv2d": ConvBlocks, "matmul_mgpu": MosaicMatmulBlocks}
 
 _LOADED: dict[tuple[str, str, str, str], MatmulBlocks | ConvBlocks] = {}
 _override: contextvars.ContextVar[dict] = contextvars.ContextVar("fastgpu_blocks", default={})
 
 
 @contextlib.contextmanager
-def use_blocks(*, matmul: MatmulBlocks | None = None, conv2d: ConvBlocks | None = None) -> Iterator[None]:
+def use_blocks(*, matmul: MatmulBlocks | None = None, conv2d: ConvBlocks | None = None,
+               matmul_mgpu: MosaicMatmulBlocks | None = None) -> Iterator[None]:
     """Kernels traced inside the block use these blocks (unless a call passes ``blocks=``)."""
     new = dict(_override.get())
-    new.update({k: v for k, v in (("matmul", matmul), ("conv2d", conv2d)) if v is not None})
+    new.update({k: v for k, v in (("matmul", matmul), ("conv2d", conv2d), ("matmul_mgpu", matmul_mgpu))
+                if v is not None})
     token = _override.set(new)
     try:
         yield
@@ -177,6 +215,18 @@ def matmul_blocks(m: int, n: int, k: int, blocks: MatmulBlocks | None = None, *,
                                block_k=_clamp_padding(b.block_k, k))
 
 
+def mosaic_matmul_blocks(m: int, n: int, k: int, blocks: MosaicMatmulBlocks | None = None, *,
+                         dtype=jnp.bfloat16) -> MosaicMatmulBlocks:
+    """The tiles the Mosaic GPU matmul uses for (m, k) @ (k, n): the table's, shrunk for small problems to what
+    wgmma allows (tile_m 64 or 128: one or two 64-row wgmma steps; tile_n a multiple of 64; tile_k one 128-byte
+    swizzled row), so tiny test shapes stay tiny."""
+    b = blocks or _override.get().get("matmul_mgpu") or _lookup("matmul_mgpu", matmul_shape_class(m, n, k), dtype)
+    half_row = 64 // jnp.dtype(dtype).itemsize  # elements in a 64-byte swizzle row
+    tile_n = max(64, min(b.tile_n, round_up(-(-n // 2), 64)))  # each warpgroup holds half of the CTA's columns
+    return dataclasses.replace(b, tile_m=64 if m <= 64 else b.tile_m, tile_n=tile_n, epi_n=min(b.epi_n, tile_n),
+                               tile_k=max(half_row, min(b.tile_k, round_up(k, half_row))))
+
+
 def conv_blocks(pixels: int, cin: int, cout: int, blocks: ConvBlocks | None = None, *,
                 dtype=jnp.bfloat16) -> ConvBlocks:
     """The blocks a conv with ``pixels`` output pixels (N*OH*OW), ``cin`` -> ``cout`` channels uses."""
@@ -197,7 +247,9 @@ def load_table(path: str) -> None:
     with open(path) as f:
         rows = json.load(f)
     for row in rows.get("blocks", []):
-        cls = MatmulBlocks if row["op"] == "matmul" else ConvBlocks
+        cls = _BLOCK_TYPES.get(row["op"])
+        if cls is None:
+            raise ValueError(f"tuning table {path}: op {row['op']!r} is not one of {sorted(_BLOCK_TYPES)}")
         fields = [f.name for f in dataclasses.fields(cls)]
         if set(row["blocks"]) - set(fields):
             raise ValueError(f"tuning table {path}: {row['op']} blocks {sorted(row['blocks'])} are not "

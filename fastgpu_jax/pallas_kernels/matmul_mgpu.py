@@ -1,0 +1,213 @@
+"""The matmul's Mosaic GPU (Hopper) body: one warp-specialised GEMM serving the forward, dA and dB products.
+
+    gemm(a, b, bias, trans_a=, trans_b=, activation=, save_z=, out_dtype=, blocks=)
+        == act(op(a) @ op(b) + bias)        op(x) = xᵀ when trans_x
+
+``matmul.py`` owns the custom_vjp and calls this body instead of its Triton kernels when
+``lowering.use_mosaic("matmul", ...)`` says so; the parameters, tolerances and gradients are the same.
+
+How one launch runs on an H100 (the layout of JAX's ``hopper_matmul_mgpu`` example, written for our products):
+
+* **Persistent grid.** One CTA per SM (``lowering.num_sms``) walks the output tiles with ``plgpu.nd_loop``;
+  ``plgpu.planar_snake`` orders them in bands of ``group`` tiles so neighbouring CTAs share A rows and B columns
+  in L2.
+* **Warp specialisation.** Three warpgroups: one issues TMA bulk copies of the A and B tiles into swizzled
+  shared memory (``stages`` deep, ``emit_pipeline_warp_specialized``), two consume them with ``wgmma``, each
+  owning half of the CTA tile's columns in registers (the float32 accumulator).
+* **Transposes are free for 16-bit inputs.** dA = dZ·Bᵀ and dB = Aᵀ·dZ read B and A as stored and hand wgmma a
+  transposed shared-memory view. wgmma takes float32 (as TF32, like the Triton path's default) only K-major,
+  A as (M, K) and B as (N, K), so for float32 XLA transposes the operands stored otherwise first (the forward's
+  weight, dB's two inputs): one extra pass over them. bfloat16 is the fast path on Hopper.
+* **Fused epilogue, stored by TMA.** bias (loaded in the accumulator's column layout) and relu/gelu are applied
+  in registers, the result (and, for gelu, the pre-activation the backward needs) goes through shared memory in
+  64-column slices and out with TMA stores, double-buffered.
+* **Split-K** when the output tiles are fewer than the SMs (a weight gradient reducing over many pixels): the
+  reduction is split into equal ranges as extra work items, each writing a float32 partial; XLA adds them and
+  applies the epilogue (``matmul.py``), as on the Triton path.
+
+Inputs are zero-padded to tile multiples and the result sliced (TMA could clip instead; padding keeps the
+interpreter's bounds checks meaningful). The backward's dZ = dY·act'(·) is one fused XLA elementwise pass here,
+not recomputed inside both gradient kernels as on the Triton path: the consumer warpgroups read operands only
+from shared memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from fastgpu_jax.pallas_kernels import lowering, tuning
+from fastgpu_jax.pallas_kernels.epilogue import activate
+from fastgpu_jax.pallas_kernels.lowering import pad_axis
+
+_WGS = 2  # consumer warpgroups per CTA, side by side along N
+EPI_M = 64  # rows of one epilogue slice (the shared-memory staging of the TMA store)
+
+
+def split_k(tiles: int, steps: int, sms: int) -> tuple[int, int]:
+    """(splits, steps per split): enough equal splits of the reduction's ``steps`` blocks that the work items
+    (tiles x splits) fill the ``sms`` CTAs; no split is empty. The reduction is then padded to splits x per."""
+    splits = max(1, min(-(-sms // tiles), steps))
+    per = -(-steps // splits)
+    return -(-steps // per), per
+
+
+def _swizzled(tile_minor: int, dtype):
+    """TMA tiling + the widest swizzle that a row of ``tile_minor`` elements fills."""
+    plgpu = lowering.plgpu()
+    swizzle = plgpu.find_swizzle(tile_minor * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _operand_spec(block, index, minor: int, dtype):
+    plgpu = lowering.plgpu()
+    return plgpu.BlockSpec(block, index, transforms=_swizzled(minor, dtype), memory_space=plgpu.SMEM)
+
+
+def _kernel(a_gmem, b_gmem, *refs, bl, trans_a, trans_b, activation, has_bias, m_iters, n_iters, splits,
+            k_iters):
+    """One CTA: loops over its share of (split, tile_m row, tile_n column) work items."""
+    plgpu = lowering.plgpu()
+    bias_gmem = refs[0] if has_bias else None
+    outs = refs[1:] if has_bias else refs
+    tm, tn, tk = bl.tile_m, bl.tile_n, bl.tile_k
+    cta_n = _WGS * tn
+    out_dtype = outs[0].dtype
+    epi_n = min(bl.epi_n, tn, 128 // jnp.dtype(out_dtype).itemsize)  # 128-byte rows: 32 KB of staging
+    slots = min(2, (tm // EPI_M) * (tn // epi_n))
+    # A block (cta rows x tk) or, transposed, (tk x cta rows); same for B: the pipeline streams K.
+    a_block, a_index = ((tk, tm), lambda k: (k, 0)) if trans_a else ((tm, tk), lambda k: (0, k))
+    b_block, b_index = ((cta_n, tk), lambda k: (0, k)) if trans_b else ((tk, cta_n), lambda k: (k, 0))
+    dtype = a_gmem.dtype
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=_WGS,
+            max_concurrent_steps=min(bl.stages, k_iters), compute_context=context,
+            in_specs=[_operand_spec(a_block, a_index, a_block[1], dtype),
+                      _operand_spec(b_block, b_index, b_block[1], dtype)])
+
+    ignore = lambda *_, **__: None  # noqa: E731 - the bodies do not change the allocations
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+        out_smem=plgpu.SMEM((_WGS, slots, EPI_M, epi_n), out_dtype, transforms=_swizzled(epi_n, out_dtype)),
+        bias_smem=plgpu.SMEM((_WGS, tn), bias_gmem.dtype) if has_bias else None,
+        bias_barrier=plgpu.Barrier(num_barriers=_WGS) if has_bias else None,
+        collective_axes="wg")
+    def _scope(allocs, out_smem, bias_smem, bias_barrier):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((splits * m_iters * n_iters,), collective_axes="sm")
+        def _tiles(info):
+            (item,) = info.index
+            split, tile = item // (m_iters * n_iters), item % (m_iters * n_iters)
+            mi, ni = plgpu.planar_snake(tile, (m_iters, n_iters), 1, bl.group)
+            rows = pl.ds(mi * tm, tm)
+            cols = pl.ds(ni * cta_n, cta_n)
+            ks = pl.ds(split * k_iters * tk, k_iters * tk)
+            wg_cols = pl.ds(wg * tn, tn)
+
+            def mma(_, a_smem, b_smem, acc_ref):
+                a_op = plgpu.transpose_ref(a_smem, (1, 0)) if trans_a else a_smem
+                b_op = plgpu.transpose_ref(b_smem.at[wg_cols, :], (1, 0)) if trans_b else b_smem.at[:, wg_cols]
+                plgpu.wgmma(acc_ref, a_op, b_op)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            def context(run):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+                def _acc(acc_ref):
+                    run(acc_ref)
+                    z = acc_ref[...]
+                    if has_bias:  # this warpgroup's tn bias values, in the accumulator's column layout
+                        plgpu.copy_gmem_to_smem(bias_gmem.at[0, pl.ds(ni * cta_n + wg * tn, tn)],
+                                                bias_smem.at[wg], bias_barrier.at[wg])
+                        plgpu.barrier_wait(bias_barrier.at[wg])
+                        bias = bias_smem[wg]
+                        z = z + lax.broadcast_in_dim(bias.astype(jnp.float32), (tm, tn), [1])
+                    results = [activate(z, activation)] + [z] * (len(outs) - 1)
+                    out_rows = pl.ds(split * m_iters * tm + mi * tm, tm)
+                    _store(results, outs, out_smem, wg, out_rows, pl.ds(ni * cta_n + wg * tn, tn), epi_n, slots)
+
+            a_view = a_gmem.at[ks, rows] if trans_a else a_gmem.at[rows, ks]
+            b_view = b_gmem.at[cols, ks] if trans_b else b_gmem.at[ks, cols]
+            pipeline(mma, context)(a_view, b_view, allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _store(results, outs, out_smem, wg, rows, cols, epi_n, slots):
+    """TMA-stores each (tm, tn) result in (EPI_M, epi_n) slices through double-buffered shared memory."""
+    plgpu = lowering.plgpu()
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    step = 0
+    for value, out in zip(results, outs):
+        value = value.astype(out.dtype)
+        for i in range(value.shape[0] // EPI_M):
+            for j in range(value.shape[1] // epi_n):
+                slot = step % slots
+                step += 1
+                plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                out_smem[wg, slot] = value[i * EPI_M:(i + 1) * EPI_M, j * epi_n:(j + 1) * epi_n]
+                plgpu.commit_smem()
+                tile = out.at[rows, cols].at[pl.ds(i * EPI_M, EPI_M), pl.ds(j * epi_n, epi_n)]
+                plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], tile)
+
+
+def _operand_layout(a, trans_a, b, trans_b, interpret):
+    """The operands as the kernel will read them. wgmma takes float32 (as TF32) only K-major, A as (M, K) and B
+    as (N, K); the Mosaic GPU interpreter's wgmma has no transposed shared-memory views, so there every
+    transpose is done by XLA (the transposed views are checked by lowering for CUDA instead)."""
+    if interpret:
+        return (a.T if trans_a else a), False, (b.T if trans_b else b), False
+    if jnp.dtype(a.dtype).itemsize == 4:
+        return (a.T if trans_a else a), False, (b if trans_b else b.T), True
+    return a, trans_a, b, trans_b
+
+
+def gemm(a, b, bias=None, *, trans_a=False, trans_b=False, activation=None, save_z=False, out_dtype=None,
+         blocks=None, interpret=None):
+    """``act(op(a) @ op(b) + bias)`` on Mosaic GPU, and the pre-activation when ``save_z``.
+
+    Returns (outputs, split): ``outputs`` the list [y] or [y, z]; when the reduction was split over work items,
+    split=True and outputs is [Σ partials] in float32, to which the caller applies bias and activation.
+    """
+    if trans_a:
+        k, m = a.shape
+    else:
+        m, k = a.shape
+    n = b.shape[0] if trans_b else b.shape[1]
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
+    interpret = lowering.interpret_default(interpret)
+    a, trans_a, b, trans_b = _operand_layout(a, trans_a, b, trans_b, interpret)
+    bl = tuning.mosaic_matmul_blocks(m, n, k, blocks, dtype=a.dtype)
+    cta_n = _WGS * bl.tile_n
+    m_iters, n_iters = -(-m // bl.tile_m), -(-n // cta_n)
+    sms = lowering.num_sms(tuning.device_kind(), interpret)
+    splits, per = split_k(m_iters * n_iters, -(-k // bl.tile_k), sms)
+    kp = splits * per * bl.tile_k
+    a = pad_axis(pad_axis(a, 0, kp if trans_a else bl.tile_m), 1, bl.tile_m if trans_a else kp)
+    b = pad_axis(pad_axis(b, 0, cta_n if trans_b else kp), 1, kp if trans_b else cta_n)
+    mp, np_ = m_iters * bl.tile_m, n_iters * cta_n
+    args = [a, b]
+    fused = splits == 1
+    if bias is not None and fused:
+        args.append(pad_axis(bias.reshape(1, n), 1, cta_n))
+    if fused:
+        out_shape = [jax.ShapeDtypeStruct((mp, np_), out_dtype)] * (2 if save_z else 1)
+    else:
+        out_shape = [jax.ShapeDtypeStruct((splits * mp, np_), jnp.float32)]
+    kernel = functools.partial(
+        _kernel, bl=bl, trans_a=trans_a, trans_b=trans_b, activation=activation if fused else None,
+        has_bias=bias is not None and fused, m_iters=m_iters, n_iters=n_iters, splits=splits, k_iters=per)
+    outs = lowering.launch_mosaic(kernel, out_shape=out_shape, sms=sms, name="matmul_mgpu", interpret=interpret,
+                                  macs=(m * n * k, mp * np_ * kp))(*args)
+    if fused:
+        return [o[:m, :n] for o in outs], False
+    return [outs[0].reshape(splits, mp, np_).sum(axis=0)[:m, :n]], True
