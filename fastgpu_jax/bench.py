@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from fastgpu_jax import models, roofline
 from fastgpu_jax.nn import backend
-from fastgpu_jax.pallas_kernels import conv2d as pallas_conv2d, matmul as pallas_matmul, tuning
+from fastgpu_jax.pallas_kernels import conv2d as pallas_conv2d, lowering, matmul as pallas_matmul, tuning
 
 MATMUL_SHAPES = [  # (name, M, K, N)
     ("resnet50 fc", 256, 2048, 1000),
@@ -369,7 +369,7 @@ def bench_step(cfg, devices: int, backend: str, steps: int, info=None) -> StepRo
     with nn.default_backend("xla"):  # model FLOPs, whatever backend runs them (interpret-mode Pallas is opaque)
         # One device runs strategy none (no mapped BatchNorm axis), so its state lowers as it is.
         flops = xla_step_flops(host_state, batch) if devices == 1 else None
-    with nn.default_backend(backend):
+    with nn.default_backend(backend, pallas_lowering=cfg.model.pallas_lowering):
         state = strategy.place_state(host_state)
         placed = strategy.place_batch(batch, is_global=True)
         fn = strategy.compile_train(steps_lib.train_step)
@@ -427,6 +427,8 @@ def run_model_benchmark(cfg, *, device_counts: tuple[int, ...] | None = None,
     print(f"device: {jax.devices()[0].device_kind} ({tuning.device_kind()}), jax {jax.__version__}, "
           f"{cfg.model.name} on {source} {shape}, precision "
           f"{cfg.train.precision}, per-device batch {cfg.data.batch_size}, median of {steps} steps")
+    if any(b != "xla" for b in backends):
+        print(f"pallas lowering {lowering.describe(tuning.device_kind(), cfg.model.pallas_lowering)}")
     print(format_step_table(rows))
     from fastgpu_jax.builders import build_model
 

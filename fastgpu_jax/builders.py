@@ -88,6 +88,14 @@ def step_options(cfg, axis_name: str | None = None, info: data.DatasetInfo | Non
                        mix=mixing, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup, **stats)
 
 
+def op_backend(cfg):
+    """The run's op backend and Pallas lowering (``model.backend``, ``model.pallas_lowering``) as a context: the
+    train step, eval, quantize and bench trace inside it."""
+    from fastgpu_jax import nn
+
+    return nn.default_backend(cfg.model.backend, pallas_lowering=cfg.model.pallas_lowering)
+
+
 def apply_kernel_tuning(cfg) -> None:
     """Loads ``model.pallas_tuning`` (a block-size table) into the kernels' tuning, if set."""
     if cfg.model.pallas_tuning:

@@ -145,6 +145,9 @@ SCHEMA: dict[str, Key] = {
     "model.num_classes": Key(10, _INT, check=lambda v: v >= 2, rule=">= 2"),
     "model.backend": Key("xla", _STR, choices=("xla", "pallas", "auto")),
     "model.pallas_tuning": Key("", _STR, help="JSON block-size table (pallas_kernels.tuning.save_table)"),
+    "model.pallas_lowering": Key("auto", _STR, choices=("auto", "triton", "mosaic"),
+                                 help="Pallas GPU lowering: auto = Mosaic GPU on Hopper where a kernel has a "
+                                      "body, else Triton (pallas_kernels/lowering.py)"),
     "model.width": Key(0, _INT, check=_non_negative, rule=">= 0 (0: the model's usual width)",
                        help="base channels (cnn 32, resnet 64) or hidden units (mlp 256); not vit"),
     "model.stem": Key("imagenet", _STR, choices=("imagenet", "cifar"), help="resnet stem"),
@@ -234,8 +237,8 @@ RESUMABLE_CHANGES = frozenset({
     "log.tensorboard", "log.wandb", "log.wandb_project", "log.progress_bar", "train.profile_steps",
     # Same math within float tolerance (tested): a run may resume on the other op backend, or on another
     # device count / strategy / process layout (checkpoints reshard on restore).
-    "model.backend", "model.pallas_tuning", "parallel.strategy", "parallel.mesh", "parallel.coordinator",
-    "parallel.num_processes", "parallel.process_id", "parallel.init_timeout_s", "parallel.fsdp_rules",
+    "model.backend", "model.pallas_tuning", "model.pallas_lowering", "parallel.strategy", "parallel.mesh",
+    "parallel.coordinator", "parallel.num_processes", "parallel.process_id", "parallel.init_timeout_s", "parallel.fsdp_rules",
 })
 
 

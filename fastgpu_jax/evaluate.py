@@ -10,8 +10,9 @@ from typing import Iterable
 import jax
 import numpy as np
 
-from fastgpu_jax import checkpoint, config as config_lib, data, nn, steps
-from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info, loader_kwargs
+from fastgpu_jax import checkpoint, config as config_lib, data, steps
+from fastgpu_jax.builders import (apply_kernel_tuning, build_state, data_kwargs, dataset_info, loader_kwargs,
+                                  op_backend)
 from fastgpu_jax.state import with_shardings
 
 
@@ -119,7 +120,7 @@ def evaluate(workdir: str, split: str = "test", *, data_dir: str | None = None, 
     d = cfg.data
     batches = data.eval_batches(d.name, split, batch_size=d.eval_batch_size, data_dir=data_dir or d.dir,
                                 **data_kwargs(cfg), **loader_kwargs(cfg))
-    with nn.default_backend(cfg.model.backend):  # the run's op backend, as in training
+    with op_backend(cfg):  # the run's op backend, as in training
         metrics = run_eval(jax.jit(steps.eval_step), state, batches)
     return {"split": split, "step": step, "params": "ema" if uses_ema(cfg, params) else "raw", **metrics}
 
@@ -135,7 +136,7 @@ def predict(workdir: str, images: np.ndarray, *, batch_size: int | None = None, 
     cfg, state, _ = restore_state(workdir, cfg, params=params, which=which)
     bs = batch_size or cfg.data.eval_batch_size
     fn = jax.jit(steps.predict_step)
-    with nn.default_backend(cfg.model.backend):
+    with op_backend(cfg):
         out = [_predict_chunk(fn, state, x[start:start + bs], bs) for start in range(0, len(x), bs)]
     return np.concatenate(out) if out else np.zeros((0, cfg.model.num_classes), np.float32)
 

@@ -53,8 +53,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
 
 from fastgpu_jax import config as config_lib
-from fastgpu_jax import data, nn, steps
-from fastgpu_jax.builders import build_model, data_kwargs, loader_kwargs
+from fastgpu_jax import data, steps
+from fastgpu_jax.builders import build_model, data_kwargs, loader_kwargs, op_backend
 from fastgpu_jax.evaluate import restore_state, run_dataset_info, summarize_sums
 from fastgpu_jax.inference import read_payload
 from fastgpu_jax.nn.backend import ACTIVATIONS, LayerOp
@@ -391,7 +391,7 @@ def evaluate_quantized(workdir_or_file: str, split: str = "test", *, data_dir: s
     """{"split", "step", "loss", "accuracy", "count"} of a saved quantized model."""
     cfg, qvars, meta = load_quantized(workdir_or_file)
     _, int8_eval = _eval_fns(build_model(cfg), _stats(meta["dataset"]))
-    with nn.default_backend(cfg.model.backend):
+    with op_backend(cfg):
         sums = [int8_eval(qvars, b) for b in _eval_batches(cfg, split, data_dir)]
     return {"split": split, "step": meta["step"], **_aggregate(sums)}
 
@@ -411,7 +411,7 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 4, split: str = "test
     model = build_model(cfg)
     ds_info = run_dataset_info(workdir, cfg)
     input_scales = None
-    with nn.default_backend(cfg.model.backend):
+    with op_backend(cfg):
         if calibrate_batches:
             batches = _calibration_batches(cfg, int(calibrate_batches), data_dir)
             input_scales = calibrate(model, state.variables, batches, _stats(ds_info))

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastgpu_jax import checkpoint, config as config_lib, data, nn, parallel, steps, workdir as workdir_lib
-from fastgpu_jax.builders import apply_kernel_tuning, build_state, data_kwargs, dataset_info, loader_kwargs
+from fastgpu_jax import checkpoint, config as config_lib, data, parallel, steps, workdir as workdir_lib
+from fastgpu_jax.builders import (apply_kernel_tuning, build_state, data_kwargs, dataset_info, loader_kwargs,
+                                  op_backend)
 from fastgpu_jax.errors import CheckpointError, NonFiniteError
 from fastgpu_jax.evaluate import run_eval
 from fastgpu_jax.state import with_shardings
@@ -174,7 +175,7 @@ def _loop(cfg, workdir, strategy, state, train_iter, checkpointers, writer, star
         skipped = batch.pop("skipped", ())
         return strategy.place_batch(batch), train_iter.get_state(), skipped
 
-    with nn.default_backend(cfg.model.backend):
+    with op_backend(cfg):
         batch, data_state, skipped = fetch() if start < t.steps else (None, None, ())
         for step in range(start + 1, t.steps + 1):
             tracing = profile[0] <= step <= profile[1]
@@ -236,8 +237,13 @@ def _run_description(cfg, mesh) -> str:
     if jax.process_count() > 1:
         devices += f" in {jax.process_count()} processes"
     mesh_text = ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
-    return (f"{m.name} on {cfg.data.name}, strategy {p.strategy}, mesh {mesh_text}, {devices}, "
+    text = (f"{m.name} on {cfg.data.name}, strategy {p.strategy}, mesh {mesh_text}, {devices}, "
             f"backend {m.backend}")
+    if m.backend != "xla":  # the Pallas lowering each kernel gets here (pallas_kernels/lowering.py)
+        from fastgpu_jax.pallas_kernels import lowering, tuning
+
+        text += f", pallas lowering {lowering.describe(tuning.device_kind(), m.pallas_lowering)}"
+    return text
 
 
 def _notices(cfg, mesh) -> list[str]:

@@ -47,6 +47,9 @@ KERNEL_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgpu_backend", default=None)
 _default: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgpu_default", default=None)
+# The run's Pallas lowering (config ``model.pallas_lowering``); None or "auto": whatever
+# ``pallas_kernels.use_lowering`` says around the call (default auto).
+_lowering: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgpu_default_lowering", default=None)
 
 # op -> backend -> implementation. Kernel modules register "pallas" here when imported.
 _IMPLS: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
@@ -71,12 +74,16 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def default_backend(name: str | None) -> Iterator[None]:
-    """The run-wide default (from config ``model.backend``); ``use_backend`` and modules override it."""
+def default_backend(name: str | None, pallas_lowering: str | None = None) -> Iterator[None]:
+    """The run-wide default (from config ``model.backend``); ``use_backend`` and modules override it.
+    ``pallas_lowering`` (config ``model.pallas_lowering``) is the lowering the Pallas kernels use: "triton" or
+    "mosaic" force it for the run; "auto"/None leave it to ``pallas_kernels.use_lowering`` (default auto)."""
     token = _default.set(_check(name))
+    token_l = _lowering.set(None if pallas_lowering == "auto" else pallas_lowering)
     try:
         yield
     finally:
+        _lowering.reset(token_l)
         _default.reset(token)
 
 
@@ -106,9 +113,12 @@ def _load_kernels() -> None:
     pk_matmul = importlib.import_module("fastgpu_jax.pallas_kernels.matmul")
     pk_conv2d = importlib.import_module("fastgpu_jax.pallas_kernels.conv2d")
     tuning = importlib.import_module("fastgpu_jax.pallas_kernels.tuning")
+    lowering = importlib.import_module("fastgpu_jax.pallas_kernels.lowering")
 
     def pallas_matmul(x, kernel, *, precision=None, preferred_element_type=None, bias=None, activation=None):
-        return pk_matmul.matmul(x, kernel, bias, activation, out_dtype=preferred_element_type)
+        run_lowering = _lowering.get()
+        with lowering.use_lowering(run_lowering) if run_lowering else contextlib.nullcontext():
+            return pk_matmul.matmul(x, kernel, bias, activation, out_dtype=preferred_element_type)
 
     def pallas_conv2d(x, kernel, **kwargs):
         return pk_conv2d.conv2d(x, kernel, **kwargs)

@@ -41,8 +41,15 @@ from jax.experimental.pallas import triton as pl_triton
 
 TRITON_DEPRECATION = ("The Pallas Triton backend is deprecated and will be removed in a future JAX version. To "
                       "keep using Pallas on GPU, please migrate to the Mosaic GPU backend.")
-# Emitted (jax >= 0.11) each time a Triton kernel lowers; the seam already sends Hopper to Mosaic GPU.
-warnings.filterwarnings("ignore", message=re.escape(TRITON_DEPRECATION), category=DeprecationWarning)
+
+
+def _install_warning_filter() -> None:
+    """jax >= 0.11 warns each time a Triton kernel lowers; the seam already sends Hopper to Mosaic GPU and
+    Triton is what pre-Hopper GPUs have, so that one warning (its exact text, its category) is silenced."""
+    warnings.filterwarnings("ignore", message=re.escape(TRITON_DEPRECATION), category=DeprecationWarning)
+
+
+_install_warning_filter()
 
 LOWERINGS = ("auto", "triton", "mosaic")
 MOSAIC_BODIES = frozenset({"matmul"})  # kernels with a Mosaic GPU body
@@ -91,6 +98,16 @@ def chosen(op: str, kind: str, measured_triton_faster: bool = False) -> str:
         return "mosaic"
     on_gpu = kind != "cpu" and (_for_gpu.get() or jax.default_backend() == "gpu")
     return "mosaic" if on_gpu and is_hopper(kind) and not measured_triton_faster else "triton"
+
+
+def describe(kind: str, name: str | None = None) -> str:
+    """"<requested>: matmul=<lowering> conv2d=<lowering>" on GPU ``kind``: what bench and train print."""
+    with use_lowering(name) if name else contextlib.nullcontext():
+        try:
+            ops = " ".join(f"{op}={chosen(op, kind)}" for op in ("matmul", "conv2d"))
+        except ValueError as e:
+            ops = f"error: {e}"
+        return f"{_lowering.get()}: {ops}"
 
 
 _for_gpu: contextvars.ContextVar[bool] = contextvars.ContextVar("fastgpu_for_gpu", default=False)
