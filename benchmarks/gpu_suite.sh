@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One GPU run does it all: the kernel tests on the GPU (TF32-aware f32 tolerances), the roofline of the
-# ResNet-50 and ViT-B/16 train-step kernels with XLA and Pallas measured, the Pallas-vs-XLA kernel sweep, and
-# the ResNet-50 and ViT-B/16 train-step benches for model.backend xla, pallas and auto. Every result goes to
+# One GPU run does it all: the kernel tests on the GPU (TF32-aware f32 tolerances; the Mosaic GPU matmul tests run
+# the real kernel there), the roofline of the ResNet-50 and ViT-B/16 train-step kernels with XLA and Pallas
+# measured, the Pallas-vs-XLA kernel sweep, each for both Pallas lowerings (Triton, Mosaic GPU: the matmul; the
+# conv has no Mosaic body and stays on Triton), and the ResNet-50 and ViT-B/16 train-step benches for
+# model.backend xla, pallas and auto (lowering auto) plus pallas on Triton only. Every result goes to
 # OUT (JSON + the printed tables in *.txt); copy the figures into BENCHMARKS.md with the date, GPU and jax.
 #
 #   bash benchmarks/gpu_suite.sh [OUT] [--dry-run]
@@ -49,29 +51,40 @@ fi
 if [ "$dry" = 1 ]; then
   tiny=(--tiny --iters 1)
   step kernel_tests "$py" -m pytest -q -x tests/test_matmul_kernel.py tests/test_conv2d_kernel.py \
-    -k "lower or split or routes"
+    tests/test_lowering.py tests/test_matmul_mgpu.py -k "lower or split or routes"
 elif "$py" -c "import pytest" 2>/dev/null; then
   tiny=()
-  step kernel_tests "$py" -m pytest -q tests/test_matmul_kernel.py tests/test_conv2d_kernel.py
+  step kernel_tests "$py" -m pytest -q tests/test_matmul_kernel.py tests/test_conv2d_kernel.py \
+    tests/test_lowering.py tests/test_matmul_mgpu.py
 else
   tiny=()
   echo "FAILED: kernel_tests (pytest is not installed: carry pytest, pluggy and iniconfig wheels in" \
     "device-wheels/)" | tee -a "$out/failed.txt"
 fi
-for model in resnet50 vit_b16; do
-  step "roofline_$model" "$py" -m fastgpu_jax bench --kernels --model "$model" --json "$out/roofline_$model.json"
+for low in triton mosaic; do
+  for model in resnet50 vit_b16; do
+    step "roofline_${model}_$low" "$py" -m fastgpu_jax bench --kernels --model "$model" --lowering "$low" \
+      --json "$out/roofline_${model}_$low.json"
+  done
+  ops=()  # dry run: the Mosaic interpreter takes ~10 s a kernel call, so only its matmul rows there
+  if [ "$dry" = 1 ] && [ "$low" = mosaic ]; then ops=(--ops matmul); fi
+  step "kernel_sweep_$low" "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" "${ops[@]}" --lowering "$low" \
+    --json "$out/kernel_sweep_$low.json"
 done
-step kernel_sweep "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" --json "$out/kernel_sweep.json"
 if [ "$dry" = 1 ]; then
   echo "== (dry run) the train-step benches would run:" | tee "$out/steps.txt"
   for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
     echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends xla,pallas,auto --steps 20" \
       "--json $out/steps_$cfg.json" | tee -a "$out/steps.txt"
+    echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends pallas --steps 20" \
+      "--config.model.pallas_lowering=triton --json $out/steps_${cfg}_triton.json" | tee -a "$out/steps.txt"
   done
 else
   for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
     step "steps_$cfg" "$py" -m fastgpu_jax bench --config "configs/$cfg.py" --backends xla,pallas,auto --steps 20 \
       --json "$out/steps_$cfg.json"
+    step "steps_${cfg}_triton" "$py" -m fastgpu_jax bench --config "configs/$cfg.py" --backends pallas --steps 20 \
+      --config.model.pallas_lowering=triton --json "$out/steps_${cfg}_triton.json"
   done
 fi
 echo "gpu_suite: results in $out/"

@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                         "bytes, H100 roofline time; measured XLA and Pallas times on a GPU)")
     b.add_argument("--batch", type=int, default=256, help="batch size for --kernels --model")
     b.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="for --kernels --model")
+    b.add_argument("--lowering", choices=("auto", "triton", "mosaic"), default="auto",
+                   help="with --kernels: the Pallas lowering the kernels use (a config bench reads "
+                        "model.pallas_lowering)")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
     q = sub.add_parser("quantize", help="int8 post-training quantization of the newest checkpoint: writes "
@@ -196,11 +199,17 @@ def _run(args, extra: list[str]) -> int:
             from fastgpu_jax.inference import benchmark_inference
 
             benchmark_inference(args.inference, iters=args.steps)
-        elif args.kernels and args.model:
-            bench.run_roofline(args.model, batch=args.batch, dtype=args.dtype, iters=args.iters or 20,
-                               json_path=args.json)
         elif args.kernels:
-            bench.run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json, ops=split(args.ops))
+            from fastgpu_jax.pallas_kernels import lowering, tuning
+
+            print(f"pallas lowering {lowering.describe(tuning.device_kind(), args.lowering)}")
+            with lowering.use_lowering(args.lowering):
+                if args.model:
+                    bench.run_roofline(args.model, batch=args.batch, dtype=args.dtype, iters=args.iters or 20,
+                                       json_path=args.json)
+                else:
+                    bench.run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json,
+                                                ops=split(args.ops))
         elif args.data:
             from fastgpu_jax import bench_data
 

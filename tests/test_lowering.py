@@ -96,4 +96,4 @@ def test_a_jax_without_the_mosaic_interpreter_fails_with_the_reason(monkeypatch)
     monkeypatch.setattr(lowering, "mosaic_interpreter", lambda: None)
     a = jnp.ones((64, 64), jnp.bfloat16)
     with lowering.use_lowering("mosaic"), pytest.raises(RuntimeError, match="Mosaic GPU interpreter.*not in jax"):
-        matmul(a, a)
+        matmul(a, a, interpret=True)
