@@ -139,23 +139,13 @@ TABLE: dict[tuple[str, str, str, str], MatmulBlocks | ConvBlocks] = {
     ("H100", "conv2d", "small", _F): ConvBlocks(128, 64, 32, 4, 3),
 }
 # Mosaic GPU matmul (Hopper only; "default" rows serve the interpreter). Shared memory per CTA is
-# stages x (tile_m + 2·tile_n) x tile_k x itemsize + the epilogue's 2 x 2 x 64 x epi_n x out itemsize; tests lower
-# every H100 row for CUDA from CPU, which checks it against the 227 KB limit. f32 is read as TF32, 32 per row.
+# stages x (tile_m + 2·tile_n) x tile_k x itemsize + 32 KB of epilogue staging (2 warpgroups x 2 slots x 64 rows
+# x 128 bytes); tests lower every H100 row for CUDA from CPU, which checks it against the 227 KB limit. f32 is
+# read as TF32, 32 to a 128-byte row.
 _MOSAIC = MosaicMatmulBlocks
-TABLE.update({
-    ("default", "matmul_mgpu", "large", _B): _MOSAIC(128, 128, 64, 4),
-    ("default", "matmul_mgpu", "medium", _B): _MOSAIC(128, 128, 64, 4),
-    ("default", "matmul_mgpu", "small", _B): _MOSAIC(64, 64, 64, 4),
-    ("default", "matmul_mgpu", "large", _F): _MOSAIC(128, 128, 32, 4),
-    ("default", "matmul_mgpu", "medium", _F): _MOSAIC(128, 128, 32, 4),
-    ("default", "matmul_mgpu", "small", _F): _MOSAIC(64, 64, 32, 4),
-    ("H100", "matmul_mgpu", "large", _B): _MOSAIC(128, 128, 64, 4),
-    ("H100", "matmul_mgpu", "medium", _B): _MOSAIC(128, 128, 64, 4),
-    ("H100", "matmul_mgpu", "small", _B): _MOSAIC(64, 64, 64, 4),
-    ("H100", "matmul_mgpu", "large", _F): _MOSAIC(128, 128, 32, 4),
-    ("H100", "matmul_mgpu", "medium", _F): _MOSAIC(128, 128, 32, 4),
-    ("H100", "matmul_mgpu", "small", _F): _MOSAIC(64, 64, 32, 4),
-})
+TABLE.update({(kind, "matmul_mgpu", shape_class, dt): _MOSAIC(tile, tile, 64 if dt == _B else 32, 4)
+              for kind in ("default", "H100") for dt in (_B, _F)
+              for shape_class, tile in (("large", 128), ("medium", 128), ("small", 64))})
 # An H200 is an H100 with more (and faster) HBM: same SMs, same shared memory, same rows.
 TABLE.update({("H200", *key[1:]): b for key, b in TABLE.items() if key[0] == "H100"})
 
