@@ -18,9 +18,9 @@ How one launch runs on an H100 (the layout of JAX's ``hopper_matmul_mgpu`` examp
   transposed shared-memory view. wgmma takes float32 (as TF32, like the Triton path's default) only K-major,
   A as (M, K) and B as (N, K), so for float32 XLA transposes the operands stored otherwise first (the forward's
   weight, dB's two inputs): one extra pass over them. bfloat16 is the fast path on Hopper.
-* **Fused epilogue, stored by TMA.** bias (loaded in the accumulator's column layout) and relu/gelu are applied
+* **Fused epilogue, stored by TMA.** bias (TMA-copied per tile, broadcast over the rows) and relu/gelu are applied
   in registers, the result (and, for gelu, the pre-activation the backward needs) goes through shared memory in
-  64-column slices and out with TMA stores, double-buffered.
+  64-row slices of 128 bytes and out with TMA stores, double-buffered.
 * **Split-K** when the output tiles are fewer than the SMs (a weight gradient reducing over many pixels): the
   reduction is split into equal ranges as extra work items, each writing a float32 partial; XLA adds them and
   applies the epilogue (``matmul.py``), as on the Triton path.
@@ -125,7 +125,7 @@ def _kernel(a_gmem, b_gmem, *refs, bl, trans_a, trans_b, activation, has_bias, m
                 def _acc(acc_ref):
                     run(acc_ref)
                     z = acc_ref[...]
-                    if has_bias:  # this warpgroup's tn bias values, in the accumulator's column layout
+                    if has_bias:  # this warpgroup's tn bias values, broadcast over its rows
                         plgpu.copy_gmem_to_smem(bias_gmem.at[0, pl.ds(ni * cta_n + wg * tn, tn)],
                                                 bias_smem.at[wg], bias_barrier.at[wg])
                         plgpu.barrier_wait(bias_barrier.at[wg])
