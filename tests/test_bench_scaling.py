@@ -9,7 +9,8 @@ from conftest import DIGITS, ROOT
 
 
 def test_bench_reports_each_device_count(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    flags = os.environ.get("XLA_FLAGS", "")  # conftest's compile flag; the device count below wins
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2".strip())
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "fastgpu_jax", "bench", "--config", DIGITS, "--steps", "2",
                            "--json", str(out), "--config.data.batch_size=16"], env=env, cwd=ROOT,

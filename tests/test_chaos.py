@@ -67,10 +67,12 @@ def _quick(*overrides):
 # --- restores that fail safe -------------------------------------------------------------------------------
 
 def test_sigkill_during_a_save_then_resume_ends_bit_identical(tmp_path):
-    steps, every = 150, 5
+    # 60 steps, a save every 5: the kill lands in a save at step >= 20 (after an eval, metrics pending across
+    # checkpoints), the resume starts mid-run and passes through the evals at 40 and 60.
+    steps, every = 60, 5
     cmd = lambda w: ["train", "--config", DIGITS + ":quick", "--workdir", str(w), *QUIET,  # noqa: E731
                      f"--config.train.steps={steps}", f"--config.train.checkpoint_every_steps={every}",
-                     "--config.train.log_every_steps=7", "--config.train.eval_every_steps=50"]
+                     "--config.train.log_every_steps=7", "--config.train.eval_every_steps=20"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=ROOT)
     start = lambda w: subprocess.Popen([sys.executable, "-m", "fastgpu_jax", *cmd(w)], env=env, cwd=ROOT,  # noqa
@@ -79,7 +81,7 @@ def test_sigkill_during_a_save_then_resume_ends_bit_identical(tmp_path):
     ckpts, caught, deadline = killed / "checkpoints", None, time.time() + 300
     while caught is None and proc.poll() is None and time.time() < deadline:
         names = os.listdir(ckpts) if ckpts.is_dir() else []
-        tmp = [n for n in names if "tmp" in n and int(n.split(".")[0]) >= 40]
+        tmp = [n for n in names if "tmp" in n and int(n.split(".")[0]) >= 20]
         if tmp:
             proc.send_signal(signal.SIGKILL)
             caught = tmp[0]
