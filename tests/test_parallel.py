@@ -105,7 +105,8 @@ def _cli(workdir, overrides, steps=None):
 
 def test_two_local_processes_match_the_single_process_run(tmp_path, one_device_cnn):
     port = _free_port()
-    procs = [subprocess.Popen(_cli(tmp_path / "multi", ["parallel.strategy=dp", f"parallel.coordinator=127.0.0.1:{port}",
+    procs = [subprocess.Popen(_cli(tmp_path / "multi", ["parallel.strategy=dp",
+                                                          f"parallel.coordinator=127.0.0.1:{port}",
                                                           "parallel.num_processes=2", f"parallel.process_id={i}"]),
                               env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
