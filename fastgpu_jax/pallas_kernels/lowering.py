@@ -3,17 +3,18 @@
 Two lowerings, chosen per kernel here and nowhere else (``chosen``):
 
 * **Mosaic GPU** (``launch_mosaic``, ``plgpu.kernel``): Hopper-native (TMA, wgmma, warp specialisation,
-  persistent grids); sm_90 and newer only. Kernels with a Mosaic body: the matmul (``matmul_mgpu.py``).
+  persistent grids); sm_90 only. Kernels with a Mosaic body: the matmul (``matmul_mgpu.py``).
 * **Triton** (``launch``, ``pl.pallas_call`` with ``pallas.triton.CompilerParams``): runs on Ampere and Hopper;
   deprecated since jax 0.11 ("to be removed in a future version"), so it is the fallback: pre-Hopper GPUs and
   kernels without a Mosaic body (the conv).
 
-``model.pallas_lowering`` / ``use_lowering(...)`` = ``auto`` (default: Mosaic on sm_90+ where a kernel has a body,
-unless ``tuning.LOWERING_MEASURED`` records Triton faster for that op and shape class; Triton elsewhere; on CPU
-the Triton interpreter, the fast one), ``triton`` or ``mosaic`` (forced; a kernel without a Mosaic body still
-uses Triton, and Mosaic on a pre-Hopper GPU is an error). On CPU each lowering runs in its own interpreter:
-Triton in Pallas' ``interpret=True``, Mosaic in the Mosaic GPU interpreter (private in jax 0.10-0.11, reached
-only through ``mosaic_interpreter()`` with a version guard).
+``model.pallas_lowering`` / ``use_lowering(...)`` = ``auto`` (default: Mosaic on Hopper (sm_90) where a kernel has
+a body, unless ``tuning.TRITON_FASTER_THAN_MOSAIC`` records Triton faster for that op and shape class; Triton
+elsewhere; on CPU the Triton interpreter, the fast one), ``triton`` or ``mosaic`` (forced; a kernel without a
+Mosaic body still uses Triton, and Mosaic on a non-Hopper GPU is an error). The Mosaic bodies are built on
+``wgmma``, which exists on sm_90 only (Blackwell replaced it with tcgen05), hence Hopper and not "sm_90+".
+On CPU each lowering runs in its own interpreter: Triton in Pallas' ``interpret=True``, Mosaic in the Mosaic
+GPU interpreter (private in jax 0.10-0.12, reached only through ``mosaic_interpreter()`` with a version guard).
 
 Triton's deprecation warning is filtered here by its exact text and nothing else.
 
@@ -72,18 +73,14 @@ def use_lowering(name: str) -> Iterator[None]:
         _lowering.reset(token)
 
 
-def requested() -> str:
-    return _lowering.get()
-
-
 def is_hopper(kind: str) -> bool:
-    """sm_90 or newer: the GPU kind the tuning table names (H100/H200, also when lowering for one from CPU),
-    else the device's compute capability."""
-    if kind in ("H100", "H200", "B200"):
+    """sm_90 (wgmma's only generation): the GPU kind the tuning table names (H100/H200, also when lowering for
+    one from CPU), else the device's compute capability."""
+    if kind in ("H100", "H200"):
         return True
     if kind == "cpu" or jax.default_backend() != "gpu":
         return False
-    return float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
+    return 9.0 <= float(getattr(jax.devices()[0], "compute_capability", "0")) < 10.0
 
 
 def chosen(op: str, kind: str, measured_triton_faster: bool = False) -> str:
@@ -93,7 +90,7 @@ def chosen(op: str, kind: str, measured_triton_faster: bool = False) -> str:
         return "triton"
     if want == "mosaic":
         if kind != "cpu" and not is_hopper(kind):
-            raise ValueError(f"pallas_lowering='mosaic' needs an sm_90+ GPU (Hopper); this is a {kind!r}: "
+            raise ValueError(f"pallas_lowering='mosaic' needs an sm_90 GPU (Hopper); this is a {kind!r}: "
                              f"use 'auto' or 'triton'")
         return "mosaic"
     on_gpu = kind != "cpu" and (_for_gpu.get() or jax.default_backend() == "gpu")
@@ -180,7 +177,7 @@ def mosaic_interpreter():
     return InterpretGPUParams()
 
 
-_SMS = {"H100": 132, "H200": 132, "B200": 148}
+_SMS = {"H100": 132, "H200": 132}
 INTERPRET_SMS = 2  # CTAs the interpreter simulates: enough to exercise the persistent loop, still quick
 
 
