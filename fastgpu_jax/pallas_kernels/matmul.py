@@ -198,9 +198,9 @@ def _dz(dy, saved, activation, dtype):
 
 def _grad_a(dy, saved, b, activation, blocks, interpret, lower="triton"):
     """dA (M, K) = dZ (M, N) · Bᵀ, reducing over N."""
-    if lower == "mosaic":
-        (da,), _ = matmul_mgpu.gemm(_dz(dy, saved, activation, b.dtype), b, trans_b=True, out_dtype=b.dtype,
-                                    blocks=_mosaic(blocks), interpret=interpret)
+    if lower == "mosaic":  # dy is dZ already (``_matmul2d_bwd``)
+        (da,), _ = matmul_mgpu.gemm(dy, b, trans_b=True, out_dtype=b.dtype, blocks=_mosaic(blocks),
+                                    interpret=interpret)
         return da.astype(b.dtype)
     (m, n), k = dy.shape, b.shape[0]
     bl = tuning.matmul_blocks(m, k, n, blocks, dtype=b.dtype)  # tiles over (M, K); reduce N by block_k
@@ -223,9 +223,9 @@ def _grad_a(dy, saved, b, activation, blocks, interpret, lower="triton"):
 
 def _grad_b(a, dy, saved, activation, blocks, interpret, lower="triton"):
     """dB (K, N) = Aᵀ · dZ, reducing over M (split over programs when the K x N tiles are few)."""
-    if lower == "mosaic":
-        (db,), _ = matmul_mgpu.gemm(a, _dz(dy, saved, activation, a.dtype), trans_a=True, out_dtype=a.dtype,
-                                    blocks=_mosaic(blocks), interpret=interpret)
+    if lower == "mosaic":  # dy is dZ already (``_matmul2d_bwd``)
+        (db,), _ = matmul_mgpu.gemm(a, dy, trans_a=True, out_dtype=a.dtype, blocks=_mosaic(blocks),
+                                    interpret=interpret)
         return db.astype(a.dtype)
     (m, k), n = a.shape, dy.shape[1]
     bl = tuning.matmul_blocks(k, n, m, blocks, dtype=a.dtype)  # tiles over (K, N); reduce M by block_k
@@ -263,10 +263,13 @@ def _matmul2d_fwd(a, b, bias, activation, out_dtype, blocks, interpret, lower):
 
 def _matmul2d_bwd(activation, out_dtype, blocks, interpret, lower, residuals, dy):
     a, b, bias, saved = residuals
-    da = None if b is None else _grad_a(dy, saved, b, activation, blocks, interpret, lower)
-    db = None if a is None else _grad_b(a, dy, saved, activation, blocks, interpret, lower)
     # dbias is one XLA reduction with dZ fused into it (nothing materialised, no extra launch).
     dbias = None if bias is None else act_grad(dy, saved, activation).sum(axis=0).astype(bias.dtype)
+    if lower == "mosaic":  # the Mosaic GEMMs read dZ from memory: materialise it once for both
+        dy = _dz(dy, saved, activation, (a if a is not None else b).dtype)
+        saved, activation = None, None
+    da = None if b is None else _grad_a(dy, saved, b, activation, blocks, interpret, lower)
+    db = None if a is None else _grad_b(a, dy, saved, activation, blocks, interpret, lower)
     return da, db, dbias
 
 
