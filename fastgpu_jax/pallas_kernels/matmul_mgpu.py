@@ -33,7 +33,9 @@ from shared memory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,28 +70,51 @@ def _operand_spec(block, index, minor: int, dtype):
     return plgpu.BlockSpec(block, index, transforms=_swizzled(minor, dtype), memory_space=plgpu.SMEM)
 
 
-def _kernel(a_gmem, b_gmem, *refs, bl, trans_a, trans_b, activation, has_bias, m_iters, n_iters, splits,
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """How one operand's K steps reach shared memory for one output tile.
+
+    ``block`` is what one K step copies, ``index(k)`` which block of the tile's view step k is, and
+    ``view(gmem, i, split)`` the view of the operand that tile ``i`` (along M for A, N for B) walks in reduction
+    split ``split``. ``transposed``: the block is stored the other way round from what wgmma reads (A as
+    (K, M), B as (N, K)), so wgmma gets a transposed shared-memory view. A matrix operand is ``matrix_stream``;
+    the conv's implicit GEMM (``conv_mgpu.py``) shifts the views or the block rows by its taps' offsets.
+    """
+
+    block: tuple
+    index: Callable
+    view: Callable
+    transposed: bool
+
+
+def matrix_stream(tile: int, tk: int, k_iters: int, *, k_minor: bool, transposed: bool) -> Stream:
+    """A plain matrix stored (tile dim, K) when ``k_minor``, else (K, tile dim)."""
+    def view(gmem, i, split):
+        free, ks = pl.ds(i * tile, tile), pl.ds(split * k_iters * tk, k_iters * tk)
+        return gmem.at[free, ks] if k_minor else gmem.at[ks, free]
+    if k_minor:
+        return Stream((tile, tk), lambda k: (0, k), view, transposed)
+    return Stream((tk, tile), lambda k: (k, 0), view, transposed)
+
+
+def _kernel(a_gmem, b_gmem, *refs, bl, a_stream, b_stream, activation, has_bias, m_iters, n_iters, splits,
             k_iters):
     """One CTA: loops over its share of (split, tile_m row, tile_n column) work items."""
     plgpu = lowering.plgpu()
     bias_gmem = refs[0] if has_bias else None
     outs = refs[1:] if has_bias else refs
-    tm, tn, tk = bl.tile_m, bl.tile_n, bl.tile_k
+    tm, tn = bl.tile_m, bl.tile_n
     cta_n = _WGS * tn
     out_dtype = outs[0].dtype
     epi_n = min(bl.epi_n, tn, 128 // jnp.dtype(out_dtype).itemsize)  # 128-byte rows: 32 KB of staging
     slots = min(2, (tm // EPI_M) * (tn // epi_n))
-    # A block (cta rows x tk) or, transposed, (tk x cta rows); same for B: the pipeline streams K.
-    a_block, a_index = ((tk, tm), lambda k: (k, 0)) if trans_a else ((tm, tk), lambda k: (0, k))
-    b_block, b_index = ((cta_n, tk), lambda k: (0, k)) if trans_b else ((tk, cta_n), lambda k: (k, 0))
     dtype = a_gmem.dtype
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=_WGS,
             max_concurrent_steps=min(bl.stages, k_iters), compute_context=context,
-            in_specs=[_operand_spec(a_block, a_index, a_block[1], dtype),
-                      _operand_spec(b_block, b_index, b_block[1], dtype)])
+            in_specs=[_operand_spec(s.block, s.index, s.block[-1], dtype) for s in (a_stream, b_stream)])
 
     ignore = lambda *_, **__: None  # noqa: E731 - the bodies do not change the allocations
 
@@ -108,14 +133,12 @@ def _kernel(a_gmem, b_gmem, *refs, bl, trans_a, trans_b, activation, has_bias, m
             (item,) = info.index
             split, tile = item // (m_iters * n_iters), item % (m_iters * n_iters)
             mi, ni = plgpu.planar_snake(tile, (m_iters, n_iters), 1, bl.group)
-            rows = pl.ds(mi * tm, tm)
-            cols = pl.ds(ni * cta_n, cta_n)
-            ks = pl.ds(split * k_iters * tk, k_iters * tk)
             wg_cols = pl.ds(wg * tn, tn)
 
             def mma(_, a_smem, b_smem, acc_ref):
-                a_op = plgpu.transpose_ref(a_smem, (1, 0)) if trans_a else a_smem
-                b_op = plgpu.transpose_ref(b_smem.at[wg_cols, :], (1, 0)) if trans_b else b_smem.at[:, wg_cols]
+                a_op = plgpu.transpose_ref(a_smem, (1, 0)) if a_stream.transposed else a_smem
+                b_op = (plgpu.transpose_ref(b_smem.at[wg_cols, :], (1, 0)) if b_stream.transposed
+                        else b_smem.at[:, wg_cols])
                 plgpu.wgmma(acc_ref, a_op, b_op)
                 plgpu.wgmma_wait(0)
                 return acc_ref
@@ -135,9 +158,8 @@ def _kernel(a_gmem, b_gmem, *refs, bl, trans_a, trans_b, activation, has_bias, m
                     out_rows = pl.ds(split * m_iters * tm + mi * tm, tm)
                     _store(results, outs, out_smem, wg, out_rows, pl.ds(ni * cta_n + wg * tn, tn), epi_n, slots)
 
-            a_view = a_gmem.at[ks, rows] if trans_a else a_gmem.at[rows, ks]
-            b_view = b_gmem.at[cols, ks] if trans_b else b_gmem.at[ks, cols]
-            pipeline(mma, context)(a_view, b_view, allocations=allocs)
+            views = a_stream.view(a_gmem, mi, split), b_stream.view(b_gmem, ni, split)
+            pipeline(mma, context)(*views, allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -183,7 +205,6 @@ def gemm(a, b, bias=None, *, trans_a=False, trans_b=False, activation=None, save
     else:
         m, k = a.shape
     n = b.shape[0] if trans_b else b.shape[1]
-    out_dtype = jnp.dtype(out_dtype or a.dtype)
     interpret = lowering.interpret_default(interpret)
     a, trans_a, b, trans_b = _operand_layout(a, trans_a, b, trans_b, interpret)
     bl = tuning.mosaic_matmul_blocks(m, n, k, blocks, dtype=a.dtype)
@@ -194,20 +215,34 @@ def gemm(a, b, bias=None, *, trans_a=False, trans_b=False, activation=None, save
     kp = splits * per * bl.tile_k
     a = pad_axis(pad_axis(a, 0, kp if trans_a else bl.tile_m), 1, bl.tile_m if trans_a else kp)
     b = pad_axis(pad_axis(b, 0, cta_n if trans_b else kp), 1, kp if trans_b else cta_n)
-    mp, np_ = m_iters * bl.tile_m, n_iters * cta_n
-    args = [a, b]
+    streams = (matrix_stream(bl.tile_m, bl.tile_k, per, k_minor=not trans_a, transposed=trans_a),
+               matrix_stream(cta_n, bl.tile_k, per, k_minor=trans_b, transposed=trans_b))
+    outs = launch(a, b, bias, streams, bl=bl, tiles=(m_iters, n_iters), splits=splits, k_iters=per,
+                  activation=activation, save_z=save_z, out_dtype=out_dtype or a.dtype, interpret=interpret,
+                  sms=sms, name="matmul_mgpu", useful_macs=m * n * k)
+    if splits == 1:
+        return [o[:m, :n] for o in outs], False
+    return [outs[0][:m, :n]], True
+
+
+def launch(a, b, bias, streams, *, bl, tiles, splits, k_iters, activation, save_z, out_dtype, interpret, sms,
+           name, useful_macs):
+    """Launches the GEMM kernel on operands already laid out and padded for ``streams`` (A's, B's): a
+    (tiles[0]·tile_m, tiles[1]·2·tile_n) result, or with ``splits`` > 1 the float32 sum of the partials (bias
+    and activation then left to the caller)."""
+    m_iters, n_iters = tiles
+    mp, np_ = m_iters * bl.tile_m, n_iters * _WGS * bl.tile_n
     fused = splits == 1
+    args = [a, b]
     if bias is not None and fused:
-        args.append(pad_axis(bias.reshape(1, n), 1, cta_n))
+        args.append(pad_axis(bias.reshape(1, -1), 1, np_))
     if fused:
-        out_shape = [jax.ShapeDtypeStruct((mp, np_), out_dtype)] * (2 if save_z else 1)
+        out_shape = [jax.ShapeDtypeStruct((mp, np_), jnp.dtype(out_dtype))] * (2 if save_z else 1)
     else:
         out_shape = [jax.ShapeDtypeStruct((splits * mp, np_), jnp.float32)]
     kernel = functools.partial(
-        _kernel, bl=bl, trans_a=trans_a, trans_b=trans_b, activation=activation if fused else None,
-        has_bias=bias is not None and fused, m_iters=m_iters, n_iters=n_iters, splits=splits, k_iters=per)
-    outs = lowering.launch_mosaic(kernel, out_shape=out_shape, sms=sms, name="matmul_mgpu", interpret=interpret,
-                                  macs=(m * n * k, mp * np_ * kp))(*args)
-    if fused:
-        return [o[:m, :n] for o in outs], False
-    return [outs[0].reshape(splits, mp, np_).sum(axis=0)[:m, :n]], True
+        _kernel, bl=bl, a_stream=streams[0], b_stream=streams[1], activation=activation if fused else None,
+        has_bias=bias is not None and fused, m_iters=m_iters, n_iters=n_iters, splits=splits, k_iters=k_iters)
+    outs = lowering.launch_mosaic(kernel, out_shape=out_shape, sms=sms, name=name, interpret=interpret,
+                                  macs=(useful_macs, mp * np_ * splits * k_iters * bl.tile_k))(*args)
+    return outs if fused else [outs[0].reshape(splits, mp, np_).sum(axis=0)]
