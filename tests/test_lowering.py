@@ -17,7 +17,8 @@ def test_auto_picks_mosaic_on_hopper_only_where_a_kernel_has_a_body():
     with lowering.lower_for_gpu():
         assert lowering.chosen("matmul", "H100") == "mosaic"
         assert lowering.chosen("matmul", "H200") == "mosaic"
-        assert lowering.chosen("conv2d", "H100") == "triton"  # no Mosaic body yet
+        assert lowering.chosen("conv2d", "H100") == "mosaic"
+        assert lowering.chosen("pool", "H100") == "triton"  # a kernel without a Mosaic body
         assert lowering.chosen("matmul", "A100") == "triton"  # pre-Hopper: Triton
         assert lowering.chosen("matmul", "H100", measured_triton_faster=True) == "triton"
 
@@ -27,7 +28,8 @@ def test_forcing_a_lowering():
         assert lowering.chosen("matmul", "H100") == "triton"
     with lowering.use_lowering("mosaic"):
         assert lowering.chosen("matmul", "cpu") == "mosaic"  # the Mosaic GPU interpreter
-        assert lowering.chosen("conv2d", "cpu") == "triton"
+        assert lowering.chosen("conv2d", "cpu") == "mosaic"
+        assert lowering.chosen("pool", "cpu") == "triton"
         with pytest.raises(ValueError, match="needs an sm_90 GPU.*'A100'"):
             lowering.chosen("matmul", "A100")
     with pytest.raises(ValueError, match="model.pallas_lowering='mosaics' is not one of"):
@@ -75,7 +77,7 @@ def test_config_key_is_validated_and_recorded():
 
 def test_describe_says_what_each_kernel_gets():
     with lowering.lower_for_gpu():
-        assert lowering.describe("H100") == "auto: matmul=mosaic conv2d=triton"
+        assert lowering.describe("H100") == "auto: matmul=mosaic conv2d=mosaic"
         assert lowering.describe("A100", "triton") == "triton: matmul=triton conv2d=triton"
         assert "needs an sm_90 GPU" in lowering.describe("A100", "mosaic")
 

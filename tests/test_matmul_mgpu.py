@@ -116,3 +116,14 @@ def test_a_tile_too_big_for_shared_memory_fails_to_lower():
         _lower(lambda a, b: matmul(a, b, blocks=big), a, a)
     fits = dataclasses.replace(big, tile_n=128, tile_k=64)
     _lower(lambda a, b: matmul(a, b, blocks=fits), a, a)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_a_short_reduction_lowers_with_a_full_swizzle_row(dtype):
+    """K = 20 once shrank tile_k to half a 128-byte row (a 64-byte swizzle), which Mosaic GPU's layout
+    inference rejects; K tiles are now never narrower than one 128-byte row."""
+    assert tuning.mosaic_matmul_blocks(256, 256, 20, dtype=dtype).tile_k * jnp.dtype(dtype).itemsize == 128
+    args = [jax.ShapeDtypeStruct(s, dtype) for s in ((256, 20), (20, 256), (256,))]
+    _, rows = _lower(lambda a, b, bias: jax.grad(lambda a, b, c: matmul(a, b, c).astype(jnp.float32).sum(),
+                                                 argnums=(0, 1, 2))(a, b, bias), *args)
+    assert [r["lowering"] for r in rows] == ["mosaic"] * 3

@@ -1,4 +1,4 @@
-"""2-D convolution (NHWC x HWIO -> NHWC) as implicit-GEMM Pallas kernels, forward and backward (Triton lowering).
+"""2-D convolution (NHWC x HWIO -> NHWC) as implicit-GEMM Pallas kernels, forward and backward.
 
     conv2d(x, w, strides, padding, dilation) == lax.conv_general_dilated(x, w, strides, padding,
                                                     rhs_dilation=dilation, ("NHWC", "HWIO", "NHWC"))
@@ -31,6 +31,10 @@ Routed elsewhere, each because a GEMM formulation is simply better there:
 ``precision`` is ignored: float32 inputs are multiplied in float32 (TF32 on a GPU at default precision)
 and bfloat16 in bfloat16, always with float32 accumulation.
 
+**Lowerings.** The kernels below are the Triton bodies. On Hopper the forward and weight-gradient GEMMs run on
+Mosaic GPU instead (``conv_mgpu.py``: the same implicit GEMM, laid out for TMA), chosen once per call by
+``chosen_lowering`` (``lowering.chosen``) and kept for the backward; routing and the sub-pixel dgrad are shared.
+
 File order: kernels, geometry and XLA glue, launches, sub-pixel dgrad, custom_vjp wiring, public function.
 """
 
@@ -46,7 +50,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from fastgpu_jax.pallas_kernels import tuning
+from fastgpu_jax.pallas_kernels import conv_mgpu, lowering, tuning
 from fastgpu_jax.pallas_kernels.lowering import div_mod, interpret_default, launch, pad_axis, round_up
 from fastgpu_jax.pallas_kernels.matmul import grouped, matmul, reduce_steps, splits_for
 
@@ -142,8 +146,12 @@ def _geometry(x_shape, w_shape, strides, pads, dilation):
 
 # --- launches ---------------------------------------------------------------------------------------------
 
-def _conv_forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype):
-    """The forward kernel on any shapes: pads to blocks, launches, slices the padding off."""
+def _conv_forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype, mosaic=None):
+    """The forward kernel on any shapes: pads to blocks, launches, slices the padding off. With ``mosaic``
+    (the Mosaic GPU tiles) the Mosaic GPU body runs it instead."""
+    if mosaic is not None:
+        return conv_mgpu.forward(x, w, strides=strides, pads=pads, dilation=dilation, blocks=mosaic,
+                                 interpret=interpret, out_dtype=out_dtype)
     geo = _geometry(x.shape, w.shape, strides, pads, dilation)
     kh, kw, cin, cout = w.shape
     b = blocks
@@ -163,8 +171,12 @@ def _conv_forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype
     return out[:geo.pixels, :cout].reshape(x.shape[0], *geo.out_hw, cout)
 
 
-def _conv_wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
-    """dw (KH, KW, Cin, Cout) in the compute dtype from the wgrad kernel's float32 partials."""
+def _conv_wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret, mosaic=None):
+    """dw (KH, KW, Cin, Cout) in the compute dtype from the wgrad kernel's float32 partials (on Mosaic GPU
+    with ``mosaic``)."""
+    if mosaic is not None:
+        return conv_mgpu.wgrad(x, g, w_shape, strides=strides, pads=pads, dilation=dilation, blocks=mosaic,
+                               interpret=interpret)
     geo = _geometry(x.shape, w_shape, strides, pads, dilation)
     kh, kw, cin, cout = w_shape
     b = blocks
@@ -217,14 +229,14 @@ def _phase_taps(a: int, size: int, k: int, s: int, lo: int, out: int):
     return taps, (front, length + len(taps) - 1 - out - front), length
 
 
-def _conv_dgrad(g, w, x_shape, *, strides, pads, dilation, blocks, interpret):
+def _conv_dgrad(g, w, x_shape, *, strides, pads, dilation, blocks, interpret, mosaic=None):
     """dx (N, H, W, Cin) from dy (N, OH, OW, Cout): the forward kernel with the kernel flipped and its
     channels swapped; for stride > 1 once per sub-pixel phase, interleaved here."""
     n, h, wd, cin = x_shape
     kh, kw = w.shape[:2]
     oh, ow = g.shape[1:3]
     wt = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    run = functools.partial(_conv_forward, blocks=blocks, interpret=interpret, out_dtype=g.dtype)
+    run = functools.partial(_conv_forward, blocks=blocks, interpret=interpret, out_dtype=g.dtype, mosaic=mosaic)
     if strides == (1, 1):
         back = tuple(((k - 1) * d - lo, size + lo - o)
                      for size, k, d, (lo, _), o in zip((h, wd), (kh, kw), dilation, pads, (oh, ow)))
@@ -266,6 +278,8 @@ class _Config:
     dgrad_blocks: tuning.ConvBlocks
     interpret: bool
     out_dtype: Any
+    mosaic_fwd: tuning.MosaicMatmulBlocks | None = None  # set: the conv runs on Mosaic GPU (forward and wgrad)
+    mosaic_dgrad: tuning.MosaicMatmulBlocks | None = None
 
     def geometry(self):
         return dict(strides=self.strides, pads=self.pads, dilation=self.dilation, interpret=self.interpret)
@@ -274,7 +288,8 @@ class _Config:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, w, cfg: _Config):
     """The differentiable kernel conv: ``jax.grad`` cannot go through ``pallas_call`` itself."""
-    return _conv_forward(x, w, blocks=cfg.fwd_blocks, out_dtype=cfg.out_dtype, **cfg.geometry())
+    return _conv_forward(x, w, blocks=cfg.fwd_blocks, out_dtype=cfg.out_dtype, mosaic=cfg.mosaic_fwd,
+                         **cfg.geometry())
 
 
 def _conv_fwd(x, w, cfg: _Config):
@@ -286,8 +301,10 @@ def _conv_bwd(cfg: _Config, res, g):
     """dy is cast to the compute dtype (that of x and w) before both backward kernels."""
     x, w, need_x, need_w = res
     g = g.astype(x.dtype)
-    dx = _conv_dgrad(g, w, x.shape, blocks=cfg.dgrad_blocks, **cfg.geometry()) if need_x else None
-    dw = _conv_wgrad(x, g, w.shape, blocks=cfg.fwd_blocks, **cfg.geometry()) if need_w else None
+    dx = (_conv_dgrad(g, w, x.shape, blocks=cfg.dgrad_blocks, mosaic=cfg.mosaic_dgrad, **cfg.geometry())
+          if need_x else None)
+    dw = (_conv_wgrad(x, g, w.shape, blocks=cfg.fwd_blocks, mosaic=cfg.mosaic_fwd, **cfg.geometry())
+          if need_w else None)
     return dx, dw
 
 
@@ -341,6 +358,14 @@ def _explicit_pads(in_hw, k_hw, strides, dilation, padding) -> Pads:
     if len(pads) != 2:
         raise ValueError(f"conv2d padding needs two (lo, hi) pairs (H, W), got {padding!r}")
     return pads
+
+
+def chosen_lowering(cin: int, cout: int) -> str:
+    """"mosaic" or "triton" for an implicit-GEMM conv here (``lowering.chosen``, with the measured Triton wins
+    of ``tuning.TRITON_FASTER_THAN_MOSAIC``); the routes to the matmul take the matmul's own choice."""
+    kind = tuning.device_kind()
+    slow = tuning.TRITON_FASTER_THAN_MOSAIC.get((kind, "conv2d", tuning.conv_shape_class(cin, cout)), False)
+    return lowering.chosen("conv2d", kind, slow)
 
 
 def route(x_shape, w_shape, strides, pads, dilation) -> str:
@@ -398,8 +423,11 @@ def conv2d(x, w, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_gro
                          interpret=interpret)
     n, (h, wd), (cin, cout) = x.shape[0], x.shape[1:3], w.shape[2:]
     pixels = n * out_hw[0] * out_hw[1]
+    mosaic = chosen_lowering(cin, cout) == "mosaic"
     cfg = _Config(strides=strides, pads=pads, dilation=dilation, interpret=interpret, out_dtype=out_dtype,
                   fwd_blocks=tuning.conv_blocks(pixels, cin, cout, blocks, dtype=dtype),
                   dgrad_blocks=tuning.conv_blocks(n * h * wd // (strides[0] * strides[1]), cout, cin, blocks,
-                                                  dtype=dtype))
+                                                  dtype=dtype),
+                  mosaic_fwd=tuning.mosaic_conv_blocks(cin, cout, dtype=dtype) if mosaic else None,
+                  mosaic_dgrad=tuning.mosaic_conv_blocks(cout, cin, dtype=dtype) if mosaic else None)
     return _conv(x, w, cfg)

@@ -3,10 +3,11 @@
 Two lowerings, chosen per kernel here and nowhere else (``chosen``):
 
 * **Mosaic GPU** (``launch_mosaic``, ``plgpu.kernel``): Hopper-native (TMA, wgmma, warp specialisation,
-  persistent grids); sm_90 only. Kernels with a Mosaic body: the matmul (``matmul_mgpu.py``).
+  persistent grids); sm_90 only. Kernels with a Mosaic body: the matmul (``matmul_mgpu.py``) and the
+  implicit-GEMM conv (``conv_mgpu.py``, on the matmul's kernel).
 * **Triton** (``launch``, ``pl.pallas_call`` with ``pallas.triton.CompilerParams``): runs on Ampere and Hopper;
-  deprecated since jax 0.11 ("to be removed in a future version"), so it is the fallback: pre-Hopper GPUs and
-  kernels without a Mosaic body (the conv).
+  deprecated since jax 0.11 ("to be removed in a future version"), so it is the fallback: pre-Hopper GPUs, kernels
+  without a Mosaic body, and (op, shape class) pairs where a GPU run measured Triton faster.
 
 ``model.pallas_lowering`` / ``use_lowering(...)`` = ``auto`` (default: Mosaic on Hopper (sm_90) where a kernel has
 a body, unless ``tuning.TRITON_FASTER_THAN_MOSAIC`` records Triton faster for that op and shape class; Triton
@@ -53,7 +54,7 @@ def _install_warning_filter() -> None:
 _install_warning_filter()
 
 LOWERINGS = ("auto", "triton", "mosaic")
-MOSAIC_BODIES = frozenset({"matmul"})  # kernels with a Mosaic GPU body
+MOSAIC_BODIES = frozenset({"matmul", "conv2d"})  # kernels with a Mosaic GPU body
 _lowering: contextvars.ContextVar[str] = contextvars.ContextVar("fastgpu_lowering", default="auto")
 
 

@@ -143,8 +143,10 @@ TABLE: dict[tuple[str, str, str, str], MatmulBlocks | ConvBlocks] = {
 # x 128 bytes); tests lower every H100 row for CUDA from CPU, which checks it against the 227 KB limit. f32 is
 # read as TF32, 32 to a 128-byte row.
 _MOSAIC = MosaicMatmulBlocks
-TABLE.update({(kind, "matmul_mgpu", shape_class, dt): _MOSAIC(tile, tile, 64 if dt == _B else 32, 4)
-              for kind in ("default", "H100") for dt in (_B, _F)
+# The Mosaic GPU conv (``conv_mgpu.py``) runs the same GEMM kernel; its rows are keyed by the conv's shape class
+# (channels) and start as the matmul's, until a GPU sweep tunes them apart.
+TABLE.update({(kind, op, shape_class, dt): _MOSAIC(tile, tile, 64 if dt == _B else 32, 4)
+              for kind in ("default", "H100") for dt in (_B, _F) for op in ("matmul_mgpu", "conv2d_mgpu")
               for shape_class, tile in (("large", 128), ("medium", 128), ("small", 64))})
 # An H200 is an H100 with more (and faster) HBM: same SMs, same shared memory, same rows.
 TABLE.update({("H200", *key[1:]): b for key, b in TABLE.items() if key[0] == "H100"})
@@ -153,7 +155,8 @@ FASTER_THAN_XLA: dict[tuple[str, str, str], bool] = {}
 # (GPU kind, op, shape class) -> True where a benchmark measured the Triton body faster than the Mosaic GPU one:
 # ``auto`` then keeps Triton there on Hopper. Empty until a GPU run fills it (gpu_suite.sh's Mosaic rows).
 TRITON_FASTER_THAN_MOSAIC: dict[tuple[str, str, str], bool] = {}
-_BLOCK_TYPES = {"matmul": MatmulBlocks, "conv2d": ConvBlocks, "matmul_mgpu": MosaicMatmulBlocks}
+_BLOCK_TYPES = {"matmul": MatmulBlocks, "conv2d": ConvBlocks, "matmul_mgpu": MosaicMatmulBlocks,
+                "conv2d_mgpu": MosaicMatmulBlocks}
 
 _LOADED: dict[tuple[str, str, str, str], MatmulBlocks | ConvBlocks] = {}
 _override: contextvars.ContextVar[dict] = contextvars.ContextVar("fastgpu_blocks", default={})
@@ -161,11 +164,12 @@ _override: contextvars.ContextVar[dict] = contextvars.ContextVar("fastgpu_blocks
 
 @contextlib.contextmanager
 def use_blocks(*, matmul: MatmulBlocks | None = None, conv2d: ConvBlocks | None = None,
-               matmul_mgpu: MosaicMatmulBlocks | None = None) -> Iterator[None]:
+               matmul_mgpu: MosaicMatmulBlocks | None = None,
+               conv2d_mgpu: MosaicMatmulBlocks | None = None) -> Iterator[None]:
     """Kernels traced inside the block use these blocks (unless a call passes ``blocks=``)."""
     new = dict(_override.get())
-    new.update({k: v for k, v in (("matmul", matmul), ("conv2d", conv2d), ("matmul_mgpu", matmul_mgpu))
-                if v is not None})
+    new.update({k: v for k, v in (("matmul", matmul), ("conv2d", conv2d), ("matmul_mgpu", matmul_mgpu),
+                                  ("conv2d_mgpu", conv2d_mgpu)) if v is not None})
     token = _override.set(new)
     try:
         yield
@@ -211,10 +215,22 @@ def mosaic_matmul_blocks(m: int, n: int, k: int, blocks: MosaicMatmulBlocks | No
     wgmma allows (tile_m 64 or 128: one or two 64-row wgmma steps; tile_n a multiple of 64; tile_k one 128-byte
     swizzled row), so tiny test shapes stay tiny."""
     b = blocks or _override.get().get("matmul_mgpu") or _lookup("matmul_mgpu", matmul_shape_class(m, n, k), dtype)
-    half_row = 64 // jnp.dtype(dtype).itemsize  # elements in a 64-byte swizzle row
+    return fit_mosaic(b, m, n, k, dtype)
+
+
+def mosaic_conv_blocks(cin: int, cout: int, blocks: MosaicMatmulBlocks | None = None, *,
+                       dtype=jnp.bfloat16) -> MosaicMatmulBlocks:
+    """The table's tiles for a Mosaic GPU conv of ``cin`` -> ``cout`` channels (``conv_mgpu`` fits them to each
+    of its GEMMs with ``fit_mosaic``)."""
+    return blocks or _override.get().get("conv2d_mgpu") or _lookup("conv2d_mgpu", conv_shape_class(cin, cout), dtype)
+
+
+def fit_mosaic(b: MosaicMatmulBlocks, m: int, n: int, k: int, dtype) -> MosaicMatmulBlocks:
+    """``b`` shrunk to an (m, k) @ (k, n) GEMM (see ``mosaic_matmul_blocks``)."""
+    row = 128 // jnp.dtype(dtype).itemsize  # elements in a 128-byte swizzle row (narrower K tiles fail to lower)
     tile_n = max(64, min(b.tile_n, round_up(-(-n // 2), 64)))  # each warpgroup holds half of the CTA's columns
     return dataclasses.replace(b, tile_m=64 if m <= 64 else b.tile_m, tile_n=tile_n, epi_n=min(b.epi_n, tile_n),
-                               tile_k=max(half_row, min(b.tile_k, round_up(k, half_row))))
+                               tile_k=max(row, min(b.tile_k, round_up(k, row))))
 
 
 def conv_blocks(pixels: int, cin: int, cout: int, blocks: ConvBlocks | None = None, *,
