@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run does it all: the kernel tests on the GPU (TF32-aware f32 tolerances; the Mosaic GPU matmul tests run
 # the real kernel there), the roofline of the ResNet-50 and ViT-B/16 train-step kernels with XLA and Pallas
-# measured, the Pallas-vs-XLA kernel sweep, each for both Pallas lowerings (Triton, Mosaic GPU: the matmul; the
-# conv has no Mosaic body and stays on Triton), and the ResNet-50 and ViT-B/16 train-step benches for
+# measured, the Pallas-vs-XLA kernel sweep, each for both Pallas lowerings (Triton, Mosaic GPU: the matmul and
+# the implicit-GEMM conv), and the ResNet-50 and ViT-B/16 train-step benches for
 # model.backend xla, pallas and auto (lowering auto) plus pallas on Triton only. Every result goes to
 # OUT (JSON + the printed tables in *.txt); copy the figures into BENCHMARKS.md with the date, GPU and jax.
 #
@@ -51,11 +51,11 @@ fi
 if [ "$dry" = 1 ]; then
   tiny=(--tiny --iters 1)
   step kernel_tests "$py" -m pytest -q -x tests/test_matmul_kernel.py tests/test_conv2d_kernel.py \
-    tests/test_lowering.py tests/test_matmul_mgpu.py -k "lower or split or routes"
+    tests/test_lowering.py tests/test_matmul_mgpu.py tests/test_conv_mgpu.py -k "lower or split or routes or layout"
 elif "$py" -c "import pytest" 2>/dev/null; then
   tiny=()
   step kernel_tests "$py" -m pytest -q tests/test_matmul_kernel.py tests/test_conv2d_kernel.py \
-    tests/test_lowering.py tests/test_matmul_mgpu.py
+    tests/test_lowering.py tests/test_matmul_mgpu.py tests/test_conv_mgpu.py
 else
   tiny=()
   echo "FAILED: kernel_tests (pytest is not installed: carry pytest, pluggy and iniconfig wheels in" \

@@ -75,8 +75,8 @@ def _capture_set(out_dir: str, build) -> None:
 
     tl.lower_jaxpr_to_triton_module, reg.mlir.custom_call = lower, custom_call
     try:
-        # The Triton bodies (this check compiles Triton IR): on an H100 `auto` would give the matmul to Mosaic GPU,
-        # whose lowering tests/test_matmul_mgpu.py checks instead.
+        # The Triton bodies (this check compiles Triton IR): on an H100 `auto` gives matmul and conv to Mosaic GPU,
+        # whose lowering tests/test_matmul_mgpu.py and tests/test_conv_mgpu.py check instead.
         with tuning.use_device_kind("H100"), lowering.lower_for_gpu(), lowering.use_lowering("triton"), \
                 lowering.record_launches() as launches:
             fn, args = build()
@@ -104,7 +104,7 @@ def _table_set():
 
     calls = []
     for (kind, op, _, dt), b in sorted(tuning.TABLE.items()):
-        if kind != "H100" or op == "matmul_mgpu":  # Mosaic rows: not Triton IR
+        if kind != "H100" or op.endswith("_mgpu"):  # Mosaic rows: not Triton IR
             continue
         dtype = jnp.dtype(dt)
         if op == "matmul":

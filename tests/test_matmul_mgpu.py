@@ -127,3 +127,13 @@ def test_a_short_reduction_lowers_with_a_full_swizzle_row(dtype):
     _, rows = _lower(lambda a, b, bias: jax.grad(lambda a, b, c: matmul(a, b, c).astype(jnp.float32).sum(),
                                                  argnums=(0, 1, 2))(a, b, bias), *args)
     assert [r["lowering"] for r in rows] == ["mosaic"] * 3
+
+
+def test_a_narrow_weight_gets_32_column_warpgroup_tiles():
+    """N = 64 with a small bfloat16 weight: B is read (N, K) so each warpgroup owns 32 columns (no padding to
+    128); an activation-sized B (the dB GEMM's dZ) is not transposed and keeps 64."""
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((4096, 256), (256, 64), (64,))]
+    _, rows = _lower(lambda a, b, bias: jax.grad(lambda a, b, c: matmul(a, b, c, "relu").astype(jnp.float32).sum(),
+                                                 argnums=(0, 1, 2))(a, b, bias), *args)
+    waste = [r["macs"][1] / r["macs"][0] for r in rows]  # forward, dA, dB
+    assert waste[0] == 1.0 and waste[1] == 1.0 and waste[2] == 2.0

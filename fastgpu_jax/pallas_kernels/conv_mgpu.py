@@ -104,7 +104,10 @@ def forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype):
     kh, kw, cin, cout = w.shape
     n = x.shape[0]
     lay = layout(x.shape, w.shape, strides, pads, dilation, batch_align(x.dtype, interpret))
-    bl = tuning.fit_mosaic(blocks, lay.virtual, cout, cin, x.dtype)
+    # 32-column warpgroup tiles: float32 rows are whole tiles; bfloat16 needs the (small) weights read (Cout, K),
+    # which the interpreter (no transposed views) cannot do.
+    narrow = jnp.dtype(x.dtype).itemsize == 4 or not interpret
+    bl = tuning.fit_mosaic(blocks, lay.virtual, cout, cin, x.dtype, narrow)
     tm, tk, cta_n = bl.tile_m, bl.tile_k, _WGS * bl.tile_n
     cp = round_up(cin, tk)
     cblocks, taps = cp // tk, kh * kw
@@ -112,6 +115,8 @@ def forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype):
     rows = _rows(x, lay, strides, pads, cp, m_iters * tm + lay.span)
     wf = pad_axis(pad_axis(w, 2, tk), 3, cta_n).reshape(taps * cp, -1)
     rows, _, wf, trans_b = _operand_layout(rows, False, wf, False, interpret)  # float32 B: (Cout, K)
+    if bl.tile_n < 64 and not trans_b and not interpret:
+        wf, trans_b = wf.T, True  # bfloat16 32-column warpgroup tiles: see matmul_mgpu.narrow_columns
     offsets = lay.offsets
     a_stream = Stream(block=(pl.Element(tm), tk), index=lambda k: (_tap_offset(k // cblocks, offsets), k % cblocks),
                       view=lambda g, mi, split: g.at[pl.ds(mi * tm, tm + lay.span), :], transposed=False)
@@ -129,7 +134,8 @@ def wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
     kh, kw, cin, cout = w_shape
     n = x.shape[0]
     lay = layout(x.shape, w_shape, strides, pads, dilation, batch_align(x.dtype, interpret))
-    bl = tuning.fit_mosaic(blocks, cin, cout, lay.virtual, x.dtype)
+    k_major = interpret or jnp.dtype(x.dtype).itemsize == 4
+    bl = tuning.fit_mosaic(blocks, cin, cout, lay.virtual, x.dtype, narrow_n=jnp.dtype(x.dtype).itemsize == 4)
     tm, tk, cta_n = bl.tile_m, bl.tile_k, _WGS * bl.tile_n
     cp, taps = round_up(cin, tm), kh * kw
     cblocks = cp // tm
@@ -142,8 +148,8 @@ def wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
     dy = jnp.pad(g, ((0, lay.nb - n), (0, 0), (0, wq - ow), (0, n_iters * cta_n - cout)))
     dy = pad_axis(dy.transpose(1, 2, 0, 3).reshape(lay.virtual, -1), 0, kp)
     # wgmma reads float32 only K-major, and the interpreter has no transposed views: there both operands are
-    # stored pixel-minor (x and dy transposed by XLA); bfloat16 on a GPU reads them as laid out.
-    k_major = interpret or jnp.dtype(x.dtype).itemsize == 4
+    # stored pixel-minor (x and dy transposed by XLA); bfloat16 on a GPU reads them as laid out (dy as (K, N),
+    # hence no 32-column warpgroup tiles for bfloat16: see matmul_mgpu.narrow_columns).
     offsets = lay.offsets
 
     def a_view(gmem, mi, split):

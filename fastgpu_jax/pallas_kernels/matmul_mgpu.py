@@ -193,6 +193,19 @@ def _operand_layout(a, trans_a, b, trans_b, interpret):
     return a, trans_a, b, trans_b
 
 
+def narrow_columns(b, trans_b: bool, n: int, a_size: int, interpret: bool):
+    """(b, trans_b, narrow): whether each warpgroup may own only 32 columns (a 64-column CTA tile) for a narrow
+    N <= 64, instead of wasting half the tile. A warpgroup's 32-column slice of a bfloat16 B stored (K, N) would
+    cut its 128-byte swizzle rows (and a 64-byte swizzle fails Mosaic GPU's layout inference), so such a B is
+    transposed by XLA to (N, K) first, when it is small next to A (a weight, not an activation gradient); float32
+    rows are 32 elements, whole tiles either way."""
+    if jnp.dtype(b.dtype).itemsize == 4:
+        return b, trans_b, True
+    if not trans_b and not interpret and n <= 64 and b.size * 8 <= a_size:
+        return b.T, True, True
+    return b, trans_b, trans_b
+
+
 def gemm(a, b, bias=None, *, trans_a=False, trans_b=False, activation=None, save_z=False, out_dtype=None,
          blocks=None, interpret=None):
     """``act(op(a) @ op(b) + bias)`` on Mosaic GPU, and the pre-activation when ``save_z``.
@@ -207,7 +220,8 @@ def gemm(a, b, bias=None, *, trans_a=False, trans_b=False, activation=None, save
     n = b.shape[0] if trans_b else b.shape[1]
     interpret = lowering.interpret_default(interpret)
     a, trans_a, b, trans_b = _operand_layout(a, trans_a, b, trans_b, interpret)
-    bl = tuning.mosaic_matmul_blocks(m, n, k, blocks, dtype=a.dtype)
+    b, trans_b, narrow = narrow_columns(b, trans_b, n, a.size, interpret)
+    bl = tuning.mosaic_matmul_blocks(m, n, k, blocks, dtype=a.dtype, narrow_n=narrow)
     cta_n = _WGS * bl.tile_n
     m_iters, n_iters = -(-m // bl.tile_m), -(-n // cta_n)
     sms = lowering.num_sms(tuning.device_kind(), interpret)

@@ -210,12 +210,13 @@ def matmul_blocks(m: int, n: int, k: int, blocks: MatmulBlocks | None = None, *,
 
 
 def mosaic_matmul_blocks(m: int, n: int, k: int, blocks: MosaicMatmulBlocks | None = None, *,
-                         dtype=jnp.bfloat16) -> MosaicMatmulBlocks:
+                         dtype=jnp.bfloat16, narrow_n: bool = False) -> MosaicMatmulBlocks:
     """The tiles the Mosaic GPU matmul uses for (m, k) @ (k, n): the table's, shrunk for small problems to what
     wgmma allows (tile_m 64 or 128: one or two 64-row wgmma steps; tile_n a multiple of 64; tile_k one 128-byte
-    swizzled row), so tiny test shapes stay tiny."""
+    swizzled row), so tiny test shapes stay tiny. ``narrow_n``: B is laid out so that a warpgroup may own 32
+    columns (``matmul_mgpu.narrow_columns``), else 64 at least."""
     b = blocks or _override.get().get("matmul_mgpu") or _lookup("matmul_mgpu", matmul_shape_class(m, n, k), dtype)
-    return fit_mosaic(b, m, n, k, dtype)
+    return fit_mosaic(b, m, n, k, dtype, narrow_n)
 
 
 def mosaic_conv_blocks(cin: int, cout: int, blocks: MosaicMatmulBlocks | None = None, *,
@@ -225,10 +226,11 @@ def mosaic_conv_blocks(cin: int, cout: int, blocks: MosaicMatmulBlocks | None = 
     return blocks or _override.get().get("conv2d_mgpu") or _lookup("conv2d_mgpu", conv_shape_class(cin, cout), dtype)
 
 
-def fit_mosaic(b: MosaicMatmulBlocks, m: int, n: int, k: int, dtype) -> MosaicMatmulBlocks:
+def fit_mosaic(b: MosaicMatmulBlocks, m: int, n: int, k: int, dtype, narrow_n: bool = False) -> MosaicMatmulBlocks:
     """``b`` shrunk to an (m, k) @ (k, n) GEMM (see ``mosaic_matmul_blocks``)."""
     row = 128 // jnp.dtype(dtype).itemsize  # elements in a 128-byte swizzle row (narrower K tiles fail to lower)
-    tile_n = max(64, min(b.tile_n, round_up(-(-n // 2), 64)))  # each warpgroup holds half of the CTA's columns
+    least = 32 if narrow_n else 64  # each warpgroup holds half of the CTA's columns
+    tile_n = max(least, min(b.tile_n, round_up(-(-n // 2), least)))
     return dataclasses.replace(b, tile_m=64 if m <= 64 else b.tile_m, tile_n=tile_n, epi_n=min(b.epi_n, tile_n),
                                tile_k=max(row, min(b.tile_k, round_up(k, row))))
 
