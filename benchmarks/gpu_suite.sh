@@ -80,9 +80,15 @@ if [ "$dry" = 1 ]; then
       "--config.model.pallas_lowering=triton --json $out/steps_${cfg}_triton.json" | tee -a "$out/steps.txt"
   done
 else
+  # The two sweeps' verdict per (kernel, shape class): which lowering auto should take, and whether Pallas
+  # beats XLA; saved as a tuning table that the step benches' auto below loads.
+  step lowering_verdict "$py" benchmarks/lowering_verdict.py "$out/kernel_sweep_triton.json" \
+    "$out/kernel_sweep_mosaic.json" --write "$out/measured_tuning.json"
+  measured=()
+  if [ -f "$out/measured_tuning.json" ]; then measured=("--config.model.pallas_tuning=$out/measured_tuning.json"); fi
   for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
     step "steps_$cfg" "$py" -m fastgpu_jax bench --config "configs/$cfg.py" --backends xla,pallas,auto --steps 20 \
-      --json "$out/steps_$cfg.json"
+      "${measured[@]}" --json "$out/steps_$cfg.json"
     step "steps_${cfg}_triton" "$py" -m fastgpu_jax bench --config "configs/$cfg.py" --backends pallas --steps 20 \
       --config.model.pallas_lowering=triton --json "$out/steps_${cfg}_triton.json"
   done

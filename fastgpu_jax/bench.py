@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from fastgpu_jax import models, roofline
 from fastgpu_jax.nn import backend
 from fastgpu_jax.pallas_kernels import conv2d as pallas_conv2d, lowering, matmul as pallas_matmul, tuning
+from fastgpu_jax.pallas_kernels.conv2d import route_of
 
 MATMUL_SHAPES = [  # (name, M, K, N)
     ("resnet50 fc", 256, 2048, 1000),
@@ -50,6 +51,8 @@ class Row:
     flops: float
     xla_s: float
     pallas_s: float
+    kernel: str = ""  # the Pallas kernel that ran it: "matmul" or "conv2d" (1x1/patchify/stem convs are matmuls)
+    shape_class: str = ""  # that kernel's tuning shape class
 
     @property
     def ratio(self) -> float:
@@ -116,7 +119,8 @@ def bench_matmuls(tiny: bool, iters: int) -> list[Row]:
             return (lambda a, b: a @ b) if impl == "xla" else (lambda a, b: pallas_matmul(a, b))
 
         xla_s, pallas_s = _time_pair(make, (a, b), iters, f"matmul {name} {m}x{k}x{n}")
-        rows.append(Row(f"{name} {m}x{k}x{n}", "matmul", 2.0 * m * n * k, xla_s, pallas_s))
+        rows.append(Row(f"{name} {m}x{k}x{n}", "matmul", 2.0 * m * n * k, xla_s, pallas_s, "matmul",
+                        tuning.matmul_shape_class(m, n, k)))
     return rows
 
 
@@ -142,12 +146,44 @@ def bench_convs(tiny: bool, iters: int) -> list[Row]:
         flops = 2.0 * math.prod(out) * w_shape[0] * w_shape[1] * w_shape[2]
         kh, kw_, cin, cout = w_shape
         label = f"{x_shape[1]}x{x_shape[2]}x{cin}->{cout} k{kh}x{kw_} s{conv['strides'][0]}"
+        kernel, shape_class = _conv_kernel(x_shape, w_shape, conv["strides"], conv["padding"], math.prod(out[:3]))
         for kind in ("fwd", "dgrad", "wgrad"):
             args = (x, w) if kind == "fwd" else (x, w, dy)
             xla_s, pallas_s = _time_pair(lambda impl, kind=kind: _pass(kind, impls[impl]), args, iters,
                                          f"conv {kind} {label}")
-            rows.append(Row(label, f"conv {kind}", flops, xla_s, pallas_s))
+            rows.append(Row(label, f"conv {kind}", flops, xla_s, pallas_s, kernel, shape_class))
     return rows
+
+
+def _conv_kernel(x_shape, w_shape, strides, padding, pixels: int) -> tuple[str, str]:
+    """(kernel, shape class) that runs this conv on Pallas: the implicit-GEMM conv, or the matmul it routes to."""
+    if route_of(x_shape, w_shape, strides, padding) == "implicit_gemm":
+        return "conv2d", tuning.conv_shape_class(w_shape[2], w_shape[3])
+    return "matmul", tuning.matmul_shape_class(pixels, w_shape[3], math.prod(w_shape[:3]))
+
+
+def lowering_verdicts(triton: dict, mosaic: dict) -> list[dict]:
+    """Per (GPU kind, kernel, shape class): the geometric-mean speed of each lowering relative to XLA over the
+    rows two kernel sweeps (``bench --kernels --json``, one per ``--lowering``) share, which is faster, and
+    whether the faster one beats XLA: the measurements ``auto`` is meant to follow
+    (``tuning.TRITON_FASTER_THAN_MOSAIC``, ``tuning.FASTER_THAN_XLA``)."""
+    kinds = {tuning.kind_of(sweep["device"]) for sweep in (triton, mosaic)}
+    if len(kinds) != 1 or triton.get("tiny") or mosaic.get("tiny"):
+        raise ValueError(f"lowering verdicts need two full-size sweeps on one GPU kind, got kinds {sorted(kinds)} "
+                         f"and tiny={triton.get('tiny')}/{mosaic.get('tiny')}")
+    by_key = {(r["op"], r["name"]): r for r in mosaic["rows"]}
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in triton["rows"]:
+        m = by_key.get((r["op"], r["name"]))
+        if m is not None and r.get("kernel"):
+            groups.setdefault((r["kernel"], r["shape_class"]), []).append((r["ratio"], m["ratio"]))
+    (kind,) = kinds
+    out = []
+    for (kernel, shape_class), pairs in sorted(groups.items()):
+        t, m = geomean([p[0] for p in pairs]), geomean([p[1] for p in pairs])
+        out.append(dict(kind=kind, op=kernel, shape_class=shape_class, rows=len(pairs), triton_vs_xla=t,
+                        mosaic_vs_xla=m, triton_faster=t > m, faster_than_xla=max(t, m) > 1.0))
+    return out
 
 
 def geomean(values: list[float]) -> float:
@@ -413,6 +449,9 @@ def run_model_benchmark(cfg, *, device_counts: tuple[int, ...] | None = None,
     counts = device_counts or tuple(n for n in (1, 2, 4, 8, 16) if n <= available)
     if max(counts) > available:
         raise ValueError(f"bench asked for {max(counts)} devices but {available} are available")
+    from fastgpu_jax.builders import apply_kernel_tuning
+
+    apply_kernel_tuning(cfg)  # model.pallas_tuning: blocks and measured flags, as train and evaluate load them
     info = data_info(cfg)
     shape = tuple(info.image_shape)
     rows = []

@@ -153,3 +153,59 @@ def test_roofline_counts_the_bytes_the_fused_epilogue_saves():
     assert {(k.activation, k.w_shape, k.count) for k in fused} == {("gelu_exact", (768, 3072), 12)}
     saved = sum(k.epilogue_bytes_saved(2) * k.count for k in shapes)
     assert saved == 3 * 12 * 197 * 3072 * 2
+
+
+def _sweep(device, ratios, tiny=False):
+    """A kernel-sweep JSON as ``bench --kernels --json`` writes it, with the given Pallas/XLA ratios per row."""
+    rows = [bench.Row(name, op, 1e9, 1.0, 1.0 / ratio, kernel, shape_class).as_dict()
+            for (name, op, kernel, shape_class), ratio in ratios.items()]
+    return {"device": device, "jax": jax.__version__, "tiny": tiny, "rows": rows}
+
+
+def test_lowering_verdicts_feed_auto_through_a_tuning_table(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from fastgpu_jax.pallas_kernels import lowering, tuning
+    from fastgpu_jax.pallas_kernels.conv2d import chosen_lowering as conv_lowering
+    from fastgpu_jax.pallas_kernels.matmul import chosen_lowering
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    rows = {("a", "conv fwd", "conv2d", "large"): (1.2, 0.9), ("a", "conv wgrad", "conv2d", "large"): (1.1, 1.0),
+            ("b", "matmul", "matmul", "large"): (0.8, 1.3), ("c", "matmul", "matmul", "small"): (0.5, 0.7),
+            ("d", "conv fwd", "", ""): (9.0, 0.1)}  # a row without a kernel (an old sweep) counts for nothing
+    triton = _sweep(h100, {k: v[0] for k, v in rows.items()})
+    mosaic = _sweep(h100, {k: v[1] for k, v in rows.items() if k[0] != "c"} | {("e", "matmul", "matmul", "small"): 2})
+    verdicts = {(v["op"], v["shape_class"]): v for v in bench.lowering_verdicts(triton, mosaic)}
+    assert set(verdicts) == {("conv2d", "large"), ("matmul", "large")}  # "c"/"e" were timed by one sweep only
+    conv = verdicts[("conv2d", "large")]
+    assert conv["rows"] == 2 and conv["triton_faster"] and conv["faster_than_xla"] and conv["kind"] == "H100"
+    assert abs(conv["triton_vs_xla"] - (1.2 * 1.1) ** 0.5) < 1e-9 and abs(conv["mosaic_vs_xla"] - 0.9 ** 0.5) < 1e-9
+    assert not verdicts[("matmul", "large")]["triton_faster"]
+
+    spec = importlib.util.spec_from_file_location("lowering_verdict", f"{ROOT}/benchmarks/lowering_verdict.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, sweep in (("t.json", triton), ("m.json", mosaic)):
+        (tmp_path / name).write_text(json.dumps(sweep))
+    script.main([str(tmp_path / "t.json"), str(tmp_path / "m.json"), "--write", str(tmp_path / "table.json")])
+    assert "Triton Pallas" in capsys.readouterr().out
+    monkeypatch.setattr(tuning, "TRITON_FASTER_THAN_MOSAIC", {})
+    monkeypatch.setattr(tuning, "FASTER_THAN_XLA", {})
+    with lowering.lower_for_gpu(), tuning.use_device_kind("H100"):
+        assert conv_lowering(256, 256) == "mosaic"
+        tuning.load_table(str(tmp_path / "table.json"))
+        assert conv_lowering(256, 256) == "triton"  # measured: Triton faster for large convs
+        assert chosen_lowering(4096, 4096, 4096) == "mosaic"
+    assert tuning.FASTER_THAN_XLA[("H100", "conv2d", "large")] is True
+
+    with pytest.raises(ValueError, match="two full-size sweeps on one GPU kind"):
+        bench.lowering_verdicts(triton, _sweep("NVIDIA A100-SXM4-80GB", {}))
+    with pytest.raises(ValueError, match="two full-size sweeps"):
+        bench.lowering_verdicts(triton, dict(mosaic, tiny=True))
+
+
+def test_conv_rows_name_the_kernel_that_runs_them():
+    assert bench._conv_kernel((8, 14, 14, 256), (3, 3, 256, 256), (1, 1), "SAME", 8 * 14 * 14) == ("conv2d", "large")
+    # a 1x1 conv is the matmul with M = 1568 pixels, K = 256, N = 64: the matmul's "small" class (N < 256)
+    assert bench._conv_kernel((8, 14, 14, 256), (1, 1, 256, 64), (1, 1), "SAME", 8 * 14 * 14) == ("matmul", "small")
+    assert bench._conv_kernel((8, 224, 224, 3), (7, 7, 3, 64), (2, 2), "SAME", 8 * 112 * 112)[0] == "matmul"

@@ -380,6 +380,13 @@ def route(x_shape, w_shape, strides, pads, dilation) -> str:
     return "implicit_gemm"
 
 
+def route_of(x_shape, w_shape, strides, padding, dilation=(1, 1)) -> str:
+    """``route`` for a conv given as ``conv2d`` takes it (``padding`` "SAME", "VALID" or pairs)."""
+    strides, dilation = _pair(strides), _pair(dilation)
+    pads = _explicit_pads(x_shape[1:3], w_shape[:2], strides, dilation, padding)
+    return route(x_shape, w_shape, strides, pads, dilation)
+
+
 def conv2d(x, w, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_group_count=1,
            precision=None, preferred_element_type=None, blocks=None, interpret=None):
     """NHWC x (N,H,W,Cin) * HWIO w (KH,KW,Cin,Cout) -> NHWC (N,OH,OW,Cout), dtype of x (or preferred_element_type).

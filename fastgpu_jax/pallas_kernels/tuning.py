@@ -69,10 +69,14 @@ def device_kind() -> str:
     """'H100', 'H200', 'A100', ... or 'cpu'; 'default' for an unknown GPU (``use_device_kind`` overrides)."""
     if _kind_override.get():
         return _kind_override.get()
-    kind = jax.devices()[0].device_kind
     if jax.default_backend() == "cpu":
         return "cpu"
-    return next((k for k in _KINDS if k.lower() in kind.lower()), "default")
+    return kind_of(jax.devices()[0].device_kind)
+
+
+def kind_of(device_name: str) -> str:
+    """The table's kind for a device name as jax reports it ("NVIDIA H100 80GB HBM3" -> "H100")."""
+    return next((k for k in _KINDS if k.lower() in device_name.lower()), "default")
 
 
 @contextlib.contextmanager
@@ -249,7 +253,8 @@ def pallas_is_faster(op: str, shape_class: str) -> bool:
 
 
 def load_table(path: str) -> None:
-    """Merges a JSON table (as written by ``save_table``) over the built-in one."""
+    """Merges a JSON table (as written by ``save_table`` or ``benchmarks/lowering_verdict.py``) over the built-in
+    one: blocks and the measured flags."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"tuning table {path} not found (expected a JSON file written by save_table)")
     with open(path) as f:
@@ -265,17 +270,21 @@ def load_table(path: str) -> None:
                              f"block_w; write them again with save_table)")
         for dt in [row["dtype"]] if "dtype" in row else [_B, _F]:  # a row without a dtype serves both
             _LOADED[(row["kind"], row["op"], row["shape_class"], dt)] = cls(**row["blocks"])
-    for row in rows.get("faster_than_xla", []):
-        FASTER_THAN_XLA[(row["kind"], row["op"], row["shape_class"])] = bool(row["faster"])
+    for name, flags in (("faster_than_xla", FASTER_THAN_XLA), ("triton_faster_than_mosaic", TRITON_FASTER_THAN_MOSAIC)):
+        for row in rows.get(name, []):
+            flags[(row["kind"], row["op"], row["shape_class"])] = bool(row["faster"])
 
 
 def save_table(path: str) -> None:
-    """Writes the loaded/autotuned entries and the measured faster-than-XLA flags to ``path``."""
+    """Writes the loaded/autotuned entries and the measured flags (faster than XLA, Triton faster than Mosaic
+    GPU) to ``path``."""
     rows = {
         "blocks": [{"kind": k, "op": o, "shape_class": s, "dtype": d, "blocks": dataclasses.asdict(b)}
                    for (k, o, s, d), b in _LOADED.items()],
         "faster_than_xla": [{"kind": k, "op": o, "shape_class": s, "faster": v}
                             for (k, o, s), v in FASTER_THAN_XLA.items()],
+        "triton_faster_than_mosaic": [{"kind": k, "op": o, "shape_class": s, "faster": v}
+                                      for (k, o, s), v in TRITON_FASTER_THAN_MOSAIC.items()],
     }
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)
