@@ -34,7 +34,8 @@ def main() -> None:
     for dtype in (jnp.bfloat16, jnp.float32):
         for hw, channels, stride in SHAPES:
             f, d, w = waste(hw, channels, stride, dtype)
-            print(f"| {hw}x{hw}x{channels} 3x3 stride {stride} | {jnp.dtype(dtype).name} | {f:.2f} | {d:.2f} | {w:.2f} |")
+            name = f"{hw}x{hw}x{channels} 3x3 stride {stride}"
+            print(f"| {name} | {jnp.dtype(dtype).name} | {f:.2f} | {d:.2f} | {w:.2f} |")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,19 @@ def test_a_jax_without_the_mosaic_interpreter_fails_with_the_reason(monkeypatch)
     a = jnp.ones((64, 64), jnp.bfloat16)
     with lowering.use_lowering("mosaic"), pytest.raises(RuntimeError, match="Mosaic GPU interpreter.*not in jax"):
         matmul(a, a, interpret=True)
+
+
+def test_a_conv_layer_follows_the_run_lowering():
+    """fg.nn.Conv on the pallas backend: a 3x3 conv is the implicit-GEMM kernel, a 1x1 the matmul; both on Mosaic
+    GPU on an H100 under auto, both on Triton when the run says so (the 1x1 once ignored it)."""
+    x = jax.ShapeDtypeStruct((8, 14, 14, 64), jnp.bfloat16)
+    layer = nn.Conv(128, (3, 3), backend="pallas")
+    params = layer.init(jax.random.key(0), jnp.zeros((1, 14, 14, 64), jnp.bfloat16))
+    pointwise = nn.Conv(128, (1, 1), backend="pallas")  # routed to the matmul: the run's lowering still holds
+    params_1x1 = pointwise.init(jax.random.key(0), jnp.zeros((1, 14, 14, 64), jnp.bfloat16))
+    for run_lowering, want in (("auto", ["conv2d_fwd_mgpu", "matmul_mgpu"]), ("triton", ["conv2d_fwd", "matmul_fwd"])):
+        with lowering.lower_for_gpu(), tuning.use_device_kind("H100"), lowering.record_launches() as rows:
+            with nn.default_backend("pallas", pallas_lowering=run_lowering):
+                jax.jit(layer.apply).trace(params, x)
+                jax.jit(pointwise.apply).trace(params_1x1, x)
+        assert [r["name"] for r in rows] == want, run_lowering

@@ -115,13 +115,18 @@ def _load_kernels() -> None:
     tuning = importlib.import_module("fastgpu_jax.pallas_kernels.tuning")
     lowering = importlib.import_module("fastgpu_jax.pallas_kernels.lowering")
 
+    def run_lowering():
+        """The run's ``model.pallas_lowering`` around a kernel call (both ops: a conv may route to the matmul)."""
+        name = _lowering.get()
+        return lowering.use_lowering(name) if name else contextlib.nullcontext()
+
     def pallas_matmul(x, kernel, *, precision=None, preferred_element_type=None, bias=None, activation=None):
-        run_lowering = _lowering.get()
-        with lowering.use_lowering(run_lowering) if run_lowering else contextlib.nullcontext():
+        with run_lowering():
             return pk_matmul.matmul(x, kernel, bias, activation, out_dtype=preferred_element_type)
 
     def pallas_conv2d(x, kernel, **kwargs):
-        return pk_conv2d.conv2d(x, kernel, **kwargs)
+        with run_lowering():
+            return pk_conv2d.conv2d(x, kernel, **kwargs)
 
 
     def matmul_faster(shape, dtype, **_):

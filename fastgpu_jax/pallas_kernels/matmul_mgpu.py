@@ -18,9 +18,10 @@ How one launch runs on an H100 (the layout of JAX's ``hopper_matmul_mgpu`` examp
   transposed shared-memory view. wgmma takes float32 (as TF32, like the Triton path's default) only K-major,
   A as (M, K) and B as (N, K), so for float32 XLA transposes the operands stored otherwise first (the forward's
   weight, dB's two inputs): one extra pass over them. bfloat16 is the fast path on Hopper.
-* **Fused epilogue, stored by TMA.** bias (TMA-copied per tile, broadcast over the rows) and relu/gelu are applied
-  in registers, the result (and, for gelu, the pre-activation the backward needs) goes through shared memory in
-  64-row slices of 128 bytes and out with TMA stores, double-buffered.
+* **Fused epilogue, stored by TMA.** bias (TMA-copied per tile while its K loop runs, broadcast over the rows)
+  and relu/gelu are applied in registers, the result (and, for gelu, the pre-activation the backward needs) goes
+  through shared memory in 64-row slices of 128 bytes and out with TMA stores, double-buffered.
+* **Narrow N** (<= 64): each warpgroup may own 32 columns when B is read (N, K) (``narrow_columns``).
 * **Split-K** when the output tiles are fewer than the SMs (a weight gradient reducing over many pixels): the
   reduction is split into equal ranges as extra work items, each writing a float32 partial; XLA adds them and
   applies the epilogue (``matmul.py``), as on the Triton path.
@@ -146,11 +147,12 @@ def _kernel(a_gmem, b_gmem, *refs, bl, a_stream, b_stream, activation, has_bias,
             def context(run):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
                 def _acc(acc_ref):
-                    run(acc_ref)
-                    z = acc_ref[...]
-                    if has_bias:  # this warpgroup's tn bias values, broadcast over its rows
+                    if has_bias:  # this warpgroup's tn bias values, in flight while the tile's K loop runs
                         plgpu.copy_gmem_to_smem(bias_gmem.at[0, pl.ds(ni * cta_n + wg * tn, tn)],
                                                 bias_smem.at[wg], bias_barrier.at[wg])
+                    run(acc_ref)
+                    z = acc_ref[...]
+                    if has_bias:  # broadcast over the rows
                         plgpu.barrier_wait(bias_barrier.at[wg])
                         bias = bias_smem[wg]
                         z = z + lax.broadcast_in_dim(bias.astype(jnp.float32), (tm, tn), [1])
