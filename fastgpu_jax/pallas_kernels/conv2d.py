@@ -31,9 +31,10 @@ Routed elsewhere, each because a GEMM formulation is simply better there:
 ``precision`` is ignored: float32 inputs are multiplied in float32 (TF32 on a GPU at default precision)
 and bfloat16 in bfloat16, always with float32 accumulation.
 
-**Lowerings.** The kernels below are the Triton bodies. On Hopper the forward and weight-gradient GEMMs run on
-Mosaic GPU instead (``conv_mgpu.py``: the same implicit GEMM, laid out for TMA), chosen once per call by
-``chosen_lowering`` (``lowering.chosen``) and kept for the backward; routing and the sub-pixel dgrad are shared.
+**Lowerings.** The kernels below are the Triton bodies. On Hopper the forward (hence also the input gradient)
+and weight-gradient GEMMs run on Mosaic GPU instead (``conv_mgpu.py``: the same implicit GEMM, laid out for
+TMA), chosen once per call by ``chosen_lowering`` (``lowering.chosen``) and kept for the backward; routing and
+the sub-pixel dgrad are shared.
 
 File order: kernels, geometry and XLA glue, launches, sub-pixel dgrad, custom_vjp wiring, public function.
 """
@@ -397,8 +398,9 @@ def conv2d(x, w, *, strides=(1, 1), padding="SAME", dilation=(1, 1), feature_gro
     too). ``route`` says which kernel runs it (1x1, patchify and few-channel convs run on the Pallas
     matmul). ``feature_group_count != 1`` (grouped/depthwise) is not implemented as a kernel and falls back
     to ``lax.conv_general_dilated``. ``precision`` is ignored (the kernels accumulate in f32). ``blocks`` (a
-    ``tuning.ConvBlocks``) overrides the tuning table for the implicit-GEMM kernels; ``interpret=None`` runs
-    the Pallas interpreter on CPU and the GPU kernels elsewhere.
+    ``tuning.ConvBlocks``) overrides the tuning table for the Triton implicit-GEMM kernels (the Mosaic GPU body
+    takes ``tuning.use_blocks(conv2d_mgpu=...)``); ``interpret=None`` runs the Pallas interpreter on CPU and
+    the GPU kernels elsewhere.
     """
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv2d expects NHWC x and HWIO w, got shapes {x.shape} and {w.shape}")
