@@ -72,10 +72,13 @@ for low in triton mosaic; do
     --json "$out/kernel_sweep_$low.json"
 done
 if [ "$dry" = 1 ]; then
-  echo "== (dry run) the train-step benches would run:" | tee "$out/steps.txt"
+  echo "== (dry run) the lowering verdict (full-size sweeps only) and the train-step benches would run:" \
+    | tee "$out/steps.txt"
+  echo "$py benchmarks/lowering_verdict.py $out/kernel_sweep_triton.json $out/kernel_sweep_mosaic.json" \
+    "--write $out/measured_tuning.json" | tee -a "$out/steps.txt"
   for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
     echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends xla,pallas,auto --steps 20" \
-      "--json $out/steps_$cfg.json" | tee -a "$out/steps.txt"
+      "--config.model.pallas_tuning=$out/measured_tuning.json --json $out/steps_$cfg.json" | tee -a "$out/steps.txt"
     echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends pallas --steps 20" \
       "--config.model.pallas_lowering=triton --json $out/steps_${cfg}_triton.json" | tee -a "$out/steps.txt"
   done
