@@ -137,3 +137,18 @@ def test_a_narrow_weight_gets_32_column_warpgroup_tiles():
                                                  argnums=(0, 1, 2))(a, b, bias), *args)
     waste = [r["macs"][1] / r["macs"][0] for r in rows]  # forward, dA, dB
     assert waste[0] == 1.0 and waste[1] == 1.0 and waste[2] == 2.0
+
+
+def test_a_transposed_view_in_the_interpreter_is_an_error_not_a_hang():
+    """The interpreter's wgmma cannot read a transposed shared-memory view, and a kernel failing inside it
+    leaves its simulated warpgroups waiting on barriers forever: launch refuses such streams up front."""
+    from fastgpu_jax.pallas_kernels import matmul_mgpu
+
+    a = jnp.zeros((64, 64), jnp.bfloat16)
+    bl = tuning.mosaic_matmul_blocks(64, 64, 64)
+    streams = (matmul_mgpu.matrix_stream(64, 64, 1, k_minor=False, transposed=True),
+               matmul_mgpu.matrix_stream(128, 64, 1, k_minor=False, transposed=False))
+    with pytest.raises(ValueError, match="matmul_mgpu: the Mosaic GPU interpreter has no transposed"):
+        matmul_mgpu.launch(a, jnp.zeros((64, 128), jnp.bfloat16), None, streams, bl=bl, tiles=(1, 1), splits=1,
+                           k_iters=1, activation=None, save_z=False, out_dtype=jnp.bfloat16, interpret=True, sms=2,
+                           name="matmul_mgpu", useful_macs=1)

@@ -246,6 +246,9 @@ def launch(a, b, bias, streams, *, bl, tiles, splits, k_iters, activation, save_
     """Launches the GEMM kernel on operands already laid out and padded for ``streams`` (A's, B's): a
     (tiles[0]·tile_m, tiles[1]·2·tile_n) result, or with ``splits`` > 1 the float32 sum of the partials (bias
     and activation then left to the caller)."""
+    if interpret and any(s.transposed for s in streams):  # it would deadlock there, not raise
+        raise ValueError(f"{name}: the Mosaic GPU interpreter has no transposed shared-memory views; lay the "
+                         f"operands out K-major for it (see _operand_layout)")
     m_iters, n_iters = tiles
     mp, np_ = m_iters * bl.tile_m, n_iters * _WGS * bl.tile_n
     fused = splits == 1
