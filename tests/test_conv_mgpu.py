@@ -137,3 +137,25 @@ def test_64_output_channels_fill_the_tile_on_the_forward():
     waste = {r["name"]: r["macs"][1] / r["macs"][0] for r in rows}
     assert waste["conv2d_fwd_mgpu"] < 1.05  # the virtual columns: 58/56
     assert 2 < waste["conv2d_wgrad_mgpu"] < 2.2  # recorded as a known cost (BENCHMARKS.md)
+
+
+@needs_interpreter
+def test_split_k_forward_and_weight_gradient_match_lax(monkeypatch):
+    """With more CTAs than output tiles, both GEMMs split their reduction (the forward over taps, the weight
+    gradient over pixels) into float32 partials summed by XLA."""
+    from fastgpu_jax.pallas_kernels import matmul_mgpu
+
+    monkeypatch.setattr(lowering, "num_sms", lambda kind, interpret: 4)
+    splits = []
+    split_k = matmul_mgpu.split_k
+    monkeypatch.setattr(conv_mgpu, "split_k", lambda *a: splits.append(split_k(*a)[0]) or split_k(*a))
+    x, w = _inputs((1, 3, 3, 16), (1, 3, 16, 24), jnp.float32, seed=3)  # one output tile, three taps
+    ref = _reference(x, w, (1, 1), "SAME", (1, 1))
+    weights = jnp.sin(jnp.arange(ref.size, dtype=jnp.float32)).reshape(ref.shape)
+    with lowering.use_lowering("mosaic"):
+        y, vjp = jax.vjp(lambda w: conv2d(x, w), w)
+        (dw,) = vjp(weights)
+    assert len(splits) == 2 and min(splits) > 1, splits  # forward (3 taps), weight gradient (3 tiles, 4 CTAs)
+    np.testing.assert_allclose(y, ref, rtol=F32_TOL, atol=F32_TOL)
+    want = jax.grad(lambda w: (_reference(x, w, (1, 1), "SAME", (1, 1)) * weights).sum())(w)
+    np.testing.assert_allclose(dw, want, rtol=F32_TOL, atol=F32_TOL * float(jnp.abs(want).max()))

@@ -23,7 +23,8 @@ virtual HWNC output back into NHWC; virtual rows with ow >= OW (Wq/OW of the wor
 14x14, 1.29 at 7x7 for a 3x3 SAME conv) and images past N (up to Nb) are computed and discarded.
 
 * **forward**: M = virtual output rows, N = Cout, K = (tap, channel block) in one loop; A's block row is an
-  element offset (``pl.Element``), so a K step is one TMA box at ``tile start + offset[tap]``.
+  element offset (``pl.Element``), so a K step is one TMA box at ``tile start + offset[tap]``. When the output
+  tiles are fewer than the SMs (a small batch), the steps are split over work items (float32 partials).
 * **wgrad**: M = (tap, input channel), N = Cout, K = virtual pixels (dy laid out the same way, zero on the
   discarded rows, so they add nothing); the tap's offset shifts the A view of a whole output tile; split-K over
   pixel ranges fills the SMs (float32 partials summed by XLA, as on the Triton path).
@@ -112,21 +113,28 @@ def forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype):
     cp = round_up(cin, tk)
     cblocks, taps = cp // tk, kh * kw
     m_iters, n_iters = -(-lay.virtual // tm), -(-cout // cta_n)
+    sms = lowering.num_sms(tuning.device_kind(), interpret)
+    splits, per = split_k(m_iters * n_iters, taps * cblocks, sms)  # few tiles (a small batch): split the taps
     rows = _rows(x, lay, strides, pads, cp, m_iters * tm + lay.span)
     wf = pad_axis(pad_axis(w, 2, tk), 3, cta_n).reshape(taps * cp, -1)
+    wf = pad_axis(wf, 0, splits * per * tk)  # steps past the last tap read real rows times zero weights
     rows, _, wf, trans_b = _operand_layout(rows, False, wf, False, interpret)  # float32 B: (Cout, K)
     if bl.tile_n < 64 and not trans_b and not interpret:
         wf, trans_b = wf.T, True  # bfloat16 32-column warpgroup tiles: see matmul_mgpu.narrow_columns
     offsets = lay.offsets
-    a_stream = Stream(block=(pl.Element(tm), tk), index=lambda k: (_tap_offset(k // cblocks, offsets), k % cblocks),
+    def a_index(k, split):  # the global step's tap shifts the block's first row; its channel block is the column
+        step = split * per + k
+        return _tap_offset(step // cblocks, offsets), step % cblocks
+
+    a_stream = Stream(block=(pl.Element(tm), tk), index=a_index,
                       view=lambda g, mi, split: g.at[pl.ds(mi * tm, tm + lay.span), :], transposed=False)
-    b_stream = matrix_stream(cta_n, tk, taps * cblocks, k_minor=trans_b, transposed=trans_b)
-    (out,) = launch(rows, wf, None, (a_stream, b_stream), bl=bl, tiles=(m_iters, n_iters), splits=1,
-                    k_iters=taps * cblocks, activation=None, save_z=False, out_dtype=out_dtype, interpret=interpret,
-                    sms=lowering.num_sms(tuning.device_kind(), interpret), name="conv2d_fwd_mgpu",
-                    useful_macs=n * lay.out_hw[0] * lay.out_hw[1] * cout * taps * cin)
+    b_stream = matrix_stream(cta_n, tk, per, k_minor=trans_b, transposed=trans_b)
+    (out,) = launch(rows, wf, None, (a_stream, b_stream), bl=bl, tiles=(m_iters, n_iters), splits=splits,
+                    k_iters=per, activation=None, save_z=False, out_dtype=out_dtype, interpret=interpret, sms=sms,
+                    name="conv2d_fwd_mgpu", useful_macs=n * lay.out_hw[0] * lay.out_hw[1] * cout * taps * cin)
     (oh, ow), wq = lay.out_hw, lay.grid[1]
-    return out[:lay.virtual].reshape(oh, wq, lay.nb, -1)[:, :ow, :n, :cout].transpose(2, 0, 1, 3)
+    out = out[:lay.virtual].reshape(oh, wq, lay.nb, -1)[:, :ow, :n, :cout].transpose(2, 0, 1, 3)
+    return out.astype(out_dtype)
 
 
 def wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
@@ -159,9 +167,9 @@ def wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
 
     if k_major:
         rows = rows.T
-        a_stream = Stream((tm, tk), lambda k: (0, k), a_view, transposed=False)
+        a_stream = Stream((tm, tk), lambda k, split: (0, k), a_view, transposed=False)
     else:
-        a_stream = Stream((tk, tm), lambda k: (k, 0), a_view, transposed=True)
+        a_stream = Stream((tk, tm), lambda k, split: (k, 0), a_view, transposed=True)
     trans_b = k_major and not interpret  # float32 on a GPU: dy as (Cout, pixels)
     b_stream = matrix_stream(cta_n, tk, per, k_minor=trans_b, transposed=trans_b)
     (dw,) = launch(rows, dy.T if trans_b else dy, None, (a_stream, b_stream), bl=bl, tiles=(m_iters, n_iters),

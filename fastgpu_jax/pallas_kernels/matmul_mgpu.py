@@ -75,7 +75,8 @@ def _operand_spec(block, index, minor: int, dtype):
 class Stream:
     """How one operand's K steps reach shared memory for one output tile.
 
-    ``block`` is what one K step copies, ``index(k)`` which block of the tile's view step k is, and
+    ``block`` is what one K step copies, ``index(k, split)`` which block of the tile's view step k of reduction
+    split ``split`` is (a matrix ignores the split: its view starts there), and
     ``view(gmem, i, split)`` the view of the operand that tile ``i`` (along M for A, N for B) walks in reduction
     split ``split``. ``transposed``: the block is stored the other way round from what wgmma reads (A as
     (K, M), B as (N, K)), so wgmma gets a transposed shared-memory view. A matrix operand is ``matrix_stream``;
@@ -94,8 +95,8 @@ def matrix_stream(tile: int, tk: int, k_iters: int, *, k_minor: bool, transposed
         free, ks = pl.ds(i * tile, tile), pl.ds(split * k_iters * tk, k_iters * tk)
         return gmem.at[free, ks] if k_minor else gmem.at[ks, free]
     if k_minor:
-        return Stream((tile, tk), lambda k: (0, k), view, transposed)
-    return Stream((tk, tile), lambda k: (k, 0), view, transposed)
+        return Stream((tile, tk), lambda k, split: (0, k), view, transposed)
+    return Stream((tk, tile), lambda k, split: (k, 0), view, transposed)
 
 
 def _kernel(a_gmem, b_gmem, *refs, bl, a_stream, b_stream, activation, has_bias, m_iters, n_iters, splits,
@@ -111,11 +112,13 @@ def _kernel(a_gmem, b_gmem, *refs, bl, a_stream, b_stream, activation, has_bias,
     slots = min(2, (tm // EPI_M) * (tn // epi_n))
     dtype = a_gmem.dtype
 
-    def pipeline(body, context):
+    def pipeline(body, context, split=0):
+        def spec(s):
+            return _operand_spec(s.block, lambda k: s.index(k, split), s.block[-1], dtype)
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=_WGS,
             max_concurrent_steps=min(bl.stages, k_iters), compute_context=context,
-            in_specs=[_operand_spec(s.block, s.index, s.block[-1], dtype) for s in (a_stream, b_stream)])
+            in_specs=[spec(a_stream), spec(b_stream)])
 
     ignore = lambda *_, **__: None  # noqa: E731 - the bodies do not change the allocations
 
@@ -161,7 +164,7 @@ def _kernel(a_gmem, b_gmem, *refs, bl, a_stream, b_stream, activation, has_bias,
                     _store(results, outs, out_smem, wg, out_rows, pl.ds(ni * cta_n + wg * tn, tn), epi_n, slots)
 
             views = a_stream.view(a_gmem, mi, split), b_stream.view(b_gmem, ni, split)
-            pipeline(mma, context)(*views, allocations=allocs)
+            pipeline(mma, context, split)(*views, allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
