@@ -15,8 +15,8 @@ Output pixel (n, oh, ow) is the *virtual* row r = (oh·Wq + ow)·Nb + n, and tap
 r + offset[tap] for every r: one contiguous box per (tap, channel block), the offsets static. The batch is the
 fastest index so that every offset is a multiple of Nb, itself a multiple of 8: a TMA box into an 8-row-tiled,
 swizzled tile must start on a tile row (TMA zero-fills a box that straddles the tiled dimension, so a 1-row
-shift would silently read zeros on a GPU). For float32, whose TF32 wgmma wants the weight gradient's operands
-pixel-minor, Nb is a multiple of 32 (a 128-byte swizzle row of pixels).
+shift would silently read zeros on a GPU). The float32 weight gradient, whose TF32 wgmma wants its operands
+pixel-minor, pads the batch to a multiple of 32 (a 128-byte swizzle row of pixels).
 
 Costs of the layout, paid in XLA: one pass to write ``rows`` (the Triton path pads too) and one to turn the
 virtual HWNC output back into NHWC; virtual rows with ow >= OW (Wq/OW of the work: 1.04 at 56x56, 1.14 at
@@ -62,10 +62,10 @@ class Layout:
         return max(self.offsets)
 
 
-def batch_align(dtype, interpret: bool) -> int:
-    """Nb's multiple: 8 (one tile row of the 8-row TMA tiling); 32 for float32 on a GPU, whose weight gradient
-    reads pixels as the minor (128-byte swizzled) dimension. The interpreter checks no alignment."""
-    return 32 if jnp.dtype(dtype).itemsize == 4 and not interpret else 8
+def batch_align(dtype, interpret: bool, pixels_minor: bool) -> int:
+    """Nb's multiple: 8 (one tile row of the 8-row TMA tiling); 32 for the float32 weight gradient on a GPU,
+    which reads pixels as the minor (128-byte swizzled) dimension. The interpreter checks no alignment."""
+    return 32 if pixels_minor and jnp.dtype(dtype).itemsize == 4 and not interpret else 8
 
 
 def layout(x_shape, w_shape, strides, pads, dilation, align: int) -> Layout:
@@ -104,7 +104,7 @@ def forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype):
     """y (N, OH, OW, Cout) = conv(x, w) on the Mosaic GPU GEMM; ``blocks`` the table's (unfitted) entry."""
     kh, kw, cin, cout = w.shape
     n = x.shape[0]
-    lay = layout(x.shape, w.shape, strides, pads, dilation, batch_align(x.dtype, interpret))
+    lay = layout(x.shape, w.shape, strides, pads, dilation, batch_align(x.dtype, interpret, pixels_minor=False))
     # 32-column warpgroup tiles: float32 rows are whole tiles; bfloat16 needs the (small) weights read (Cout, K),
     # which the interpreter (no transposed views) cannot do.
     narrow = jnp.dtype(x.dtype).itemsize == 4 or not interpret
@@ -141,7 +141,7 @@ def wgrad(x, g, w_shape, *, strides, pads, dilation, blocks, interpret):
     """dw (KH, KW, Cin, Cout) in x's dtype from dy = g (N, OH, OW, Cout)."""
     kh, kw, cin, cout = w_shape
     n = x.shape[0]
-    lay = layout(x.shape, w_shape, strides, pads, dilation, batch_align(x.dtype, interpret))
+    lay = layout(x.shape, w_shape, strides, pads, dilation, batch_align(x.dtype, interpret, pixels_minor=True))
     k_major = interpret or jnp.dtype(x.dtype).itemsize == 4
     bl = tuning.fit_mosaic(blocks, cin, cout, lay.virtual, x.dtype, narrow_n=jnp.dtype(x.dtype).itemsize == 4)
     tm, tk, cta_n = bl.tile_m, bl.tile_k, _WGS * bl.tile_n
