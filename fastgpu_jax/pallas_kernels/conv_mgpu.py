@@ -122,6 +122,7 @@ def forward(x, w, *, strides, pads, dilation, blocks, interpret, out_dtype):
     if bl.tile_n < 64 and not trans_b and not interpret:
         wf, trans_b = wf.T, True  # bfloat16 32-column warpgroup tiles: see matmul_mgpu.narrow_columns
     offsets = lay.offsets
+
     def a_index(k, split):  # the global step's tap shifts the block's first row; its channel block is the column
         step = split * per + k
         return _tap_offset(step // cblocks, offsets), step % cblocks
