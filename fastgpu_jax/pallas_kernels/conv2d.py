@@ -364,9 +364,8 @@ def _explicit_pads(in_hw, k_hw, strides, dilation, padding) -> Pads:
 def chosen_lowering(cin: int, cout: int) -> str:
     """"mosaic" or "triton" for an implicit-GEMM conv here (``lowering.chosen``, with the measured Triton wins
     of ``tuning.TRITON_FASTER_THAN_MOSAIC``); the routes to the matmul take the matmul's own choice."""
-    kind = tuning.device_kind()
-    slow = tuning.TRITON_FASTER_THAN_MOSAIC.get((kind, "conv2d", tuning.conv_shape_class(cin, cout)), False)
-    return lowering.chosen("conv2d", kind, slow)
+    slow = tuning.triton_is_faster("conv2d", tuning.conv_shape_class(cin, cout))
+    return lowering.chosen("conv2d", tuning.device_kind(), slow)
 
 
 def route(x_shape, w_shape, strides, pads, dilation) -> str:

@@ -89,7 +89,7 @@ def _rows(x, lay: Layout, strides, pads, channels: int, min_rows: int):
            (0, channels - c, 0))
     xp = lax.pad(x, jnp.zeros((), x.dtype), cfg)
     rows = xp.reshape(lay.nb, hq, sh, wq, sw, channels).transpose(2, 4, 1, 3, 0, 5).reshape(-1, channels)
-    return pad_axis(rows, 0, max(min_rows, rows.shape[0]))[:max(min_rows, rows.shape[0])]
+    return jnp.pad(rows, ((0, max(0, min_rows - rows.shape[0])), (0, 0)))
 
 
 def _tap_offset(tap, offsets):

@@ -281,9 +281,8 @@ _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd, symbolic_zeros=True)
 def chosen_lowering(m: int, k: int, n: int) -> str:
     """"mosaic" or "triton" for an (m, k) @ (k, n) matmul here (``lowering.chosen``; decided once per call, so
     the backward runs on the forward's lowering)."""
-    kind = tuning.device_kind()
-    slow = tuning.TRITON_FASTER_THAN_MOSAIC.get((kind, "matmul", tuning.matmul_shape_class(m, n, k)), False)
-    return lowering.chosen("matmul", kind, slow)
+    slow = tuning.triton_is_faster("matmul", tuning.matmul_shape_class(m, n, k))
+    return lowering.chosen("matmul", tuning.device_kind(), slow)
 
 
 def matmul(a, b, bias=None, activation=None, *, out_dtype=None, blocks: tuning.MatmulBlocks | None = None,

@@ -252,6 +252,11 @@ def pallas_is_faster(op: str, shape_class: str) -> bool:
     return FASTER_THAN_XLA.get((device_kind(), op, shape_class), False)
 
 
+def triton_is_faster(op: str, shape_class: str) -> bool:
+    """True only where a benchmark measured the Triton body faster than the Mosaic GPU one on this GPU kind."""
+    return TRITON_FASTER_THAN_MOSAIC.get((device_kind(), op, shape_class), False)
+
+
 def load_table(path: str) -> None:
     """Merges a JSON table (as written by ``save_table`` or ``benchmarks/lowering_verdict.py``) over the built-in
     one: blocks and the measured flags."""
