@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fastgpu_jax.pallas_kernels import tuning
+from fastgpu_jax.pallas_kernels import lowering, tuning
 from fastgpu_jax.pallas_kernels.conv2d import conv2d
 
 # The package re-exports the functions under the module names, so fetch the modules themselves.
@@ -232,5 +232,6 @@ def test_kernels_lower_for_cuda(entry):
                 return y, vjp(y)
 
             args = (jax.ShapeDtypeStruct((8, 16, 64, 64), dtype), jax.ShapeDtypeStruct((3, 3, 64, 128), dtype))
-            text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            with lowering.lower_for_gpu():
+                text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("conv2d_fwd") >= 2 and "conv2d_wgrad" in text

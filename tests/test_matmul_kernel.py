@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastgpu_jax.pallas_kernels import tuning
+from fastgpu_jax.pallas_kernels import lowering, tuning
 from fastgpu_jax.pallas_kernels.matmul import matmul
 
 ACT = {None: lambda z: z, "relu": jax.nn.relu, "gelu": jax.nn.gelu,
@@ -149,14 +149,15 @@ def test_every_tuning_entry_lowers_for_cuda(entry):
 
     args = (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n), dtype),
             jax.ShapeDtypeStruct((n,), dtype))
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with lowering.lower_for_gpu():
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") >= 3  # fwd, dA, dB
 
 
 def test_a_non_power_of_two_block_is_caught_by_cuda_lowering():
     bad = dataclasses.replace(tuning.MatmulBlocks(), block_m=48)
     args = (jax.ShapeDtypeStruct((96, 64), jnp.float32), jax.ShapeDtypeStruct((64, 64), jnp.float32))
-    with pytest.raises(Exception, match="power of 2"):
+    with pytest.raises(Exception, match="power of 2"), lowering.lower_for_gpu():
         jax.jit(lambda a, b: matmul(a, b, blocks=bad, interpret=False)).trace(*args).lower(
             lowering_platforms=("cuda",))
 

@@ -120,14 +120,27 @@ def interpret_default(interpret: bool | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def lower_for_gpu() -> Iterator[None]:
+def lower_for_gpu(device_name: str = "NVIDIA H100 80GB HBM3") -> Iterator[None]:
     """Kernels traced inside are GPU kernels even on a CPU machine, to be lowered with
-    ``.lower(lowering_platforms=("cuda",))`` (tests and ``benchmarks/sm90_check.py``; they cannot run here)."""
+    ``.lower(lowering_platforms=("cuda",))`` inside this block (tests and ``benchmarks/sm90_check.py``; they cannot
+    run here). On a CPU machine it also declares GPU ``device_name`` as jax's abstract device: from jax 0.11 the
+    Triton lowering asks for the GPU it compiles for and, with none, raises "No supported GPU devices found"."""
     token = _for_gpu.set(True)
     try:
-        yield
+        with _abstract_gpu(device_name):
+            yield
     finally:
         _for_gpu.reset(token)
+
+
+def _abstract_gpu(device_name: str) -> contextlib.AbstractContextManager:
+    """A one-device abstract mesh whose device is GPU ``device_name`` (CPU machines only: on a GPU the real
+    device answers)."""
+    if jax.default_backend() != "cpu":
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind=device_name, num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("_gpu",), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 _launches: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastgpu_launches", default=None)

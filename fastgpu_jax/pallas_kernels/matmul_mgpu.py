@@ -140,9 +140,9 @@ def _kernel(a_gmem, b_gmem, *refs, bl, a_stream, b_stream, activation, has_bias,
             wg_cols = pl.ds(wg * tn, tn)
 
             def mma(_, a_smem, b_smem, acc_ref):
-                a_op = plgpu.transpose_ref(a_smem, (1, 0)) if a_stream.transposed else a_smem
-                b_op = (plgpu.transpose_ref(b_smem.at[wg_cols, :], (1, 0)) if b_stream.transposed
-                        else b_smem.at[:, wg_cols])
+                # ref.transpose: what plgpu.transpose_ref did before jax 0.11 deprecated it.
+                a_op = a_smem.transpose((1, 0)) if a_stream.transposed else a_smem
+                b_op = b_smem.at[wg_cols, :].transpose((1, 0)) if b_stream.transposed else b_smem.at[:, wg_cols]
                 plgpu.wgmma(acc_ref, a_op, b_op)
                 plgpu.wgmma_wait(0)
                 return acc_ref
