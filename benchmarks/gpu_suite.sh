@@ -1,100 +1,149 @@
 #!/usr/bin/env bash
-# One GPU run does it all: the kernel tests on the GPU (TF32-aware f32 tolerances; the Mosaic GPU matmul tests run
-# the real kernel there), the roofline of the ResNet-50 and ViT-B/16 train-step kernels with XLA and Pallas
-# measured, the Pallas-vs-XLA kernel sweep, each for both Pallas lowerings (Triton, Mosaic GPU: the matmul and
-# the implicit-GEMM conv), and the ResNet-50 and ViT-B/16 train-step benches for
-# model.backend xla, pallas and auto (lowering auto) plus pallas on Triton only. Every result goes to
-# OUT (JSON + the printed tables in *.txt); copy the figures into BENCHMARKS.md with the date, GPU and jax.
+# Every GPU measurement of the kernels, in four parts (each can run alone):
+#   tests     the kernel tests on the GPU (TF32-aware f32 tolerances; the Mosaic GPU tests run the real kernels)
+#   sweeps    the Pallas-vs-XLA kernel sweep once per Pallas lowering (Triton, Mosaic GPU), then the lowering
+#             verdict: OUT/measured_tuning.json, which `auto` loads in `steps`
+#   roofline  the ResNet-50 and ViT-B/16 train-step kernels, XLA and Pallas measured, per lowering, then
+#             benchmarks/mosaic_targets.py: the Mosaic GPU issue's targets, measured against their goals
+#   steps     the ResNet-50 and ViT-B/16 train-step benches, model.backend xla, pallas and auto (with
+#             OUT/measured_tuning.json when there), plus pallas on Triton only
+# Every result goes to OUT (JSON + the printed tables in *.txt, OUT/times.txt the seconds each step took); copy
+# the figures into BENCHMARKS.md with the date, GPU and jax version.
 #
-#   bash benchmarks/gpu_suite.sh [OUT] [--dry-run]
+#   bash benchmarks/gpu_suite.sh [OUT] [--only PARTS] [--tar FILE] [--dry-run]
+#
+# --only: comma list of the parts above (default: all four, in that order). --tar: pack OUT into FILE at the end.
+# Each step is stopped after GPU_SUITE_STEP_LIMIT seconds (default 420), and none starts once the run has
+# used GPU_SUITE_DEADLINE seconds (default: none), so that a run fits a command time limit and still packs.
+#
+# On the lent GPU machine (10 minutes a command, 30 a session, 8 files back) run three commands, carrying
+# device-wheels/ (made here with ../shared/tools/device-wheels.sh) and, for the third, gpu-suite-out/ (the first
+# command's tar unpacked here), each as
+#   GPU_SUITE_DEADLINE=540 bash benchmarks/gpu_suite.sh gpu-suite-out --only PARTS --tar $OUT/PARTS.tgz
+# with PARTS = tests,sweeps, then roofline, then steps.
 #
 # For a GPU machine with jax (CUDA) preinstalled and no package index: wheels it lacks are installed from
-# ./device-wheels when present (made beforehand with the shared device-wheels.sh, plus pytest, pluggy and
-# iniconfig for the kernel tests; jax is never reinstalled).
+# ./device-wheels when present (jax is never reinstalled; pytest comes with that machine's image), and the project
+# is imported from this checkout (PYTHONPATH), not pip-installed.
 # --dry-run (any machine): prints every step and runs the CPU-possible ones: the kernel tests (interpret
 # mode), the predicted roofline columns, and the sweep and model benches at tiny sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=gpu-suite-out
 dry=0
-for arg in "$@"; do
-  case "$arg" in
+parts=tests,sweeps,roofline,steps
+tar_file=
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dry-run) dry=1 ;;
-    -*) echo "gpu_suite.sh: unknown option $arg (use [OUT] [--dry-run])" >&2; exit 2 ;;
-    *) out=$arg ;;
+    --only) parts=${2:?--only needs a comma list of tests,sweeps,roofline,steps}; shift ;;
+    --tar) tar_file=${2:?--tar needs a file}; shift ;;
+    -*) echo "gpu_suite.sh: unknown option $1 (use [OUT] [--only PARTS] [--tar FILE] [--dry-run])" >&2; exit 2 ;;
+    *) out=$1 ;;
+  esac
+  shift
+done
+for part in ${parts//,/ }; do
+  case "$part" in
+    tests|sweeps|roofline|steps) ;;
+    *) echo "gpu_suite.sh: unknown part '$part' in --only (expected tests, sweeps, roofline or steps)" >&2; exit 2 ;;
   esac
 done
+wants() { [[ ",$parts," == *",$1,"* ]]; }
 mkdir -p "$out"
-py=${PYTHON:-python}
+rm -f "$out/failed.txt"
+py=${PYTHON:-$(command -v python || command -v python3)}
+step_limit=${GPU_SUITE_STEP_LIMIT:-420}
+deadline=${GPU_SUITE_DEADLINE:-0}
 
 step() {  # step NAME CMD...: runs CMD, tee'd to OUT/NAME.txt; a failing step is reported, the suite goes on
   local name=$1; shift
+  local limit=$step_limit start=$SECONDS
+  if [ "$deadline" -gt 0 ]; then
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 30 ]; then
+      echo "SKIPPED: $name (GPU_SUITE_DEADLINE=$deadline s reached)" | tee -a "$out/failed.txt"
+      return
+    fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  fi
   echo "== $name: $*" | tee "$out/$name.txt"
-  if "$@" 2>&1 | tee -a "$out/$name.txt"; then
+  if timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"; then
     echo "ok" >>"$out/$name.txt"
   else
-    echo "FAILED: $name" | tee -a "$out/failed.txt"
+    echo "FAILED: $name (exit ${PIPESTATUS[0]}; 124: stopped after $limit s)" | tee -a "$out/failed.txt"
   fi
+  echo "$name $((SECONDS - start))" >>"$out/times.txt"
 }
 
-if [ "$dry" = 0 ] && ! "$py" -c "import grain, ml_collections, fastgpu_jax" 2>/dev/null; then
-  if [ -d device-wheels ]; then
-    "$py" -m pip install -q --no-index --no-deps device-wheels/*.whl
-  fi
-  "$py" -m pip install -q --no-deps -e .
+if [ "$dry" = 0 ] && [ -d device-wheels ] && ! "$py" -c "import grain, ml_collections" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps device-wheels/*.whl
 fi
+# The project from this checkout, not installed: `pip install -e .` needs setuptools from an index to build (build
+# isolation), which a machine without one cannot reach. Commands run from the repository root.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$out/env.txt"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$out/env.txt"
 fi
 
-if [ "$dry" = 1 ]; then
-  tiny=(--tiny --iters 1)
-  step kernel_tests "$py" -m pytest -q -x tests/test_matmul_kernel.py tests/test_conv2d_kernel.py \
-    tests/test_lowering.py tests/test_matmul_mgpu.py tests/test_conv_mgpu.py -k "lower or split or routes or layout"
-elif "$py" -c "import pytest" 2>/dev/null; then
-  tiny=()
-  step kernel_tests "$py" -m pytest -q tests/test_matmul_kernel.py tests/test_conv2d_kernel.py \
-    tests/test_lowering.py tests/test_matmul_mgpu.py tests/test_conv_mgpu.py
-else
-  tiny=()
-  echo "FAILED: kernel_tests (pytest is not installed: carry pytest, pluggy and iniconfig wheels in" \
-    "device-wheels/)" | tee -a "$out/failed.txt"
+kernel_tests=(tests/test_matmul_kernel.py tests/test_conv2d_kernel.py tests/test_lowering.py tests/test_matmul_mgpu.py
+  tests/test_conv_mgpu.py)
+tiny=()
+if [ "$dry" = 1 ]; then tiny=(--tiny --iters 1); fi
+if wants tests; then
+  if [ "$dry" = 1 ]; then
+    step kernel_tests "$py" -m pytest -q -x "${kernel_tests[@]}" -k "lower or split or routes or layout"
+  elif "$py" -c "import pytest" 2>/dev/null; then
+    step kernel_tests "$py" -m pytest -q "${kernel_tests[@]}"
+  else
+    echo "FAILED: kernel_tests (pytest is not installed: carry pytest, pluggy and iniconfig wheels in" \
+      "device-wheels/)" | tee -a "$out/failed.txt"
+  fi
 fi
-for low in triton mosaic; do
-  for model in resnet50 vit_b16; do
-    step "roofline_${model}_$low" "$py" -m fastgpu_jax bench --kernels --model "$model" --lowering "$low" \
-      --json "$out/roofline_${model}_$low.json"
+if wants sweeps; then
+  for low in triton mosaic; do
+    ops=()  # dry run: the Mosaic interpreter takes ~10 s a kernel call, so only its matmul rows there
+    if [ "$dry" = 1 ] && [ "$low" = mosaic ]; then ops=(--ops matmul); fi
+    step "kernel_sweep_$low" "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" "${ops[@]}" --lowering "$low" \
+      --json "$out/kernel_sweep_$low.json"
   done
-  ops=()  # dry run: the Mosaic interpreter takes ~10 s a kernel call, so only its matmul rows there
-  if [ "$dry" = 1 ] && [ "$low" = mosaic ]; then ops=(--ops matmul); fi
-  step "kernel_sweep_$low" "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" "${ops[@]}" --lowering "$low" \
-    --json "$out/kernel_sweep_$low.json"
-done
-if [ "$dry" = 1 ]; then
-  echo "== (dry run) the lowering verdict (full-size sweeps only) and the train-step benches would run:" \
-    | tee "$out/steps.txt"
-  echo "$py benchmarks/lowering_verdict.py $out/kernel_sweep_triton.json $out/kernel_sweep_mosaic.json" \
-    "--write $out/measured_tuning.json" | tee -a "$out/steps.txt"
-  for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
-    echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends xla,pallas,auto --steps 20" \
-      "--config.model.pallas_tuning=$out/measured_tuning.json --json $out/steps_$cfg.json" | tee -a "$out/steps.txt"
-    echo "$py -m fastgpu_jax bench --config configs/$cfg.py --backends pallas --steps 20" \
-      "--config.model.pallas_lowering=triton --json $out/steps_${cfg}_triton.json" | tee -a "$out/steps.txt"
+  # The two sweeps' verdict per (kernel, shape class): which lowering auto should take, and whether Pallas beats
+  # XLA; saved as a tuning table that the step benches' auto loads (full-size sweeps only).
+  if [ "$dry" = 0 ]; then
+    step lowering_verdict "$py" benchmarks/lowering_verdict.py "$out/kernel_sweep_triton.json" \
+      "$out/kernel_sweep_mosaic.json" --write "$out/measured_tuning.json"
+  fi
+fi
+if wants roofline; then
+  for low in mosaic triton; do
+    for model in resnet50 vit_b16; do
+      step "roofline_${model}_$low" "$py" -m fastgpu_jax bench --kernels --model "$model" --lowering "$low" \
+        --json "$out/roofline_${model}_$low.json"
+    done
   done
-else
-  # The two sweeps' verdict per (kernel, shape class): which lowering auto should take, and whether Pallas
-  # beats XLA; saved as a tuning table that the step benches' auto below loads.
-  step lowering_verdict "$py" benchmarks/lowering_verdict.py "$out/kernel_sweep_triton.json" \
-    "$out/kernel_sweep_mosaic.json" --write "$out/measured_tuning.json"
+  if [ "$dry" = 0 ]; then
+    step mosaic_targets "$py" benchmarks/mosaic_targets.py "$out"
+  fi
+fi
+if wants steps; then
   measured=()
   if [ -f "$out/measured_tuning.json" ]; then measured=("--config.model.pallas_tuning=$out/measured_tuning.json"); fi
   for cfg in imagenet_resnet50_synthetic imagenet_vit_b16_synthetic; do
-    step "steps_$cfg" "$py" -m fastgpu_jax bench --config "configs/$cfg.py" --backends xla,pallas,auto --steps 20 \
-      "${measured[@]}" --json "$out/steps_$cfg.json"
-    step "steps_${cfg}_triton" "$py" -m fastgpu_jax bench --config "configs/$cfg.py" --backends pallas --steps 20 \
-      --config.model.pallas_lowering=triton --json "$out/steps_${cfg}_triton.json"
+    bench_step=("$py" -m fastgpu_jax bench --config "configs/$cfg.py" --steps 20)
+    if [ "$dry" = 1 ]; then
+      echo "== (dry run) would run: ${bench_step[*]} --backends xla,pallas,auto ${measured[*]}" \
+        "--json $out/steps_$cfg.json" | tee -a "$out/steps.txt"
+      continue
+    fi
+    step "steps_$cfg" "${bench_step[@]}" --backends xla,pallas,auto "${measured[@]}" --json "$out/steps_$cfg.json"
+    step "steps_${cfg}_triton" "${bench_step[@]}" --backends pallas --config.model.pallas_lowering=triton \
+      --json "$out/steps_${cfg}_triton.json"
   done
 fi
-echo "gpu_suite: results in $out/"
+echo "gpu_suite: results in $out/ (seconds per step in $out/times.txt)"
+if [ -n "$tar_file" ]; then
+  tar czf "$tar_file" -C "$(dirname "$out")" "$(basename "$out")"
+  echo "gpu_suite: packed into $tar_file"
+fi
 if [ -f "$out/failed.txt" ]; then cat "$out/failed.txt"; exit 1; fi

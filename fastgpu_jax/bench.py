@@ -186,6 +186,34 @@ def lowering_verdicts(triton: dict, mosaic: dict) -> list[dict]:
     return out
 
 
+def mosaic_targets(rooflines: dict[str, list[dict]], sweeps: dict[str, dict]) -> list[dict]:
+    """The Mosaic GPU kernels' targets, measured: ``rooflines`` maps a lowering ("mosaic", "triton") to its
+    ``bench --kernels --model`` JSONs (ResNet-50, ViT-B/16), ``sweeps`` a lowering to its ``bench --kernels``
+    JSON. Each row: ``what``, ``measured`` (a geometric-mean speed ratio, None where its runs are missing),
+    ``goal`` (None: for comparison only) and ``shapes`` (how many timed passes it covers)."""
+    def passes(lowering, kernel):  # {(model, layer, pass): row} of one lowering's roofline runs
+        return {(run["model"], r["layer"], r["kind"]): r for run in rooflines.get(lowering, [])
+                for r in run["rows"] if r.get("kernel") == kernel and "pallas_us" in r}
+
+    def row(what, ratios, goal):
+        return dict(what=what, measured=geomean(ratios) if ratios else None, goal=goal, shapes=len(ratios))
+
+    out = []
+    for low in ("mosaic", "triton"):
+        mm = passes(low, "matmul")
+        out.append(row(f"{low} matmul vs XLA, ResNet-50 + ViT-B/16 train-step passes",
+                       [r["xla_us"] / r["pallas_us"] for r in mm.values()], 1.05 if low == "mosaic" else None))
+    for size in (4096, 8192):
+        hits = [r["ratio"] for r in sweeps.get("mosaic", {}).get("rows", []) if r["name"].startswith(f"square {size}")]
+        out.append(row(f"mosaic matmul vs XLA, {size}^3", hits, 1.0))
+    mosaic, triton = passes("mosaic", "conv2d"), passes("triton", "conv2d")
+    out.append(row("mosaic conv vs Triton conv, ResNet-50 implicit-GEMM passes",
+                   [triton[key]["pallas_us"] / r["pallas_us"] for key, r in mosaic.items() if key in triton], 1.0))
+    out.append(row("mosaic conv vs XLA, ResNet-50 implicit-GEMM passes",
+                   [r["xla_us"] / r["pallas_us"] for r in mosaic.values()], None))
+    return out
+
+
 def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
@@ -214,7 +242,8 @@ def run_kernel_benchmarks(*, tiny: bool | None = None, iters: int | None = None,
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
-                       "rows": [r.as_dict() for r in rows]}, f, indent=2)
+                       "lowering": lowering.describe(tuning.device_kind()), "rows": [r.as_dict() for r in rows]},
+                      f, indent=2)
     return rows
 
 
@@ -242,8 +271,10 @@ def run_roofline(model: str, *, batch: int = 256, dtype=jnp.bfloat16, iters: int
     rows = []
     for k in roofline.model_kernel_shapes(model, batch):
         itemsize = jnp.dtype(dtype).itemsize
+        kernel = "matmul" if k.op == "matmul" else _conv_kernel(
+            k.x_shape, k.w_shape, k.strides, k.padding, math.prod(k.out_shape[:3]))[0]
         row = dict(layer=k.layer + (f" +{k.activation}" if k.activation else ""), op=k.op, kind=k.kind,
-                   count=k.count, gflop=k.flops / 1e9, min_mb=k.min_bytes(itemsize) / 1e6,
+                   kernel=kernel, count=k.count, gflop=k.flops / 1e9, min_mb=k.min_bytes(itemsize) / 1e6,
                    roofline_us=k.roofline_s(dtype) * 1e6, epilogue_saved_mb=k.epilogue_bytes_saved(itemsize) / 1e6)
         if measure:
             fns = _pass_fns(k, dtype)
@@ -257,6 +288,7 @@ def run_roofline(model: str, *, batch: int = 256, dtype=jnp.bfloat16, iters: int
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"model": model, "batch": batch, "dtype": jnp.dtype(dtype).name, "jax": jax.__version__,
+                       "lowering": lowering.describe(tuning.device_kind()),
                        "device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
     return rows
 

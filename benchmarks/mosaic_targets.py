@@ -1,0 +1,59 @@
+"""The Mosaic GPU kernels' targets against their goals, from one GPU suite's results.
+
+    python benchmarks/mosaic_targets.py OUT
+
+OUT is a ``benchmarks/gpu_suite.sh`` folder: its ``roofline_{resnet50,vit_b16}_{mosaic,triton}.json`` (the
+train-step passes of both models, per lowering) and ``kernel_sweep_mosaic.json`` (the square matmuls). Each JSON
+says which lowering ran it; a run that is missing leaves its rows "not measured". Goals (one H100, bf16): the
+Mosaic matmul >= 1.05x XLA (geometric mean) on the two models' train-step passes and >= 1.0x at 4096^3 and
+8192^3; the Mosaic conv >= the Triton conv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+from fastgpu_jax.bench import mosaic_targets
+
+
+def load(out_dir: str) -> tuple[dict, dict]:
+    """(rooflines, sweeps) of ``bench.mosaic_targets``, keyed by the lowering each JSON records."""
+    rooflines: dict[str, list[dict]] = {}
+    sweeps: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "roofline_*.json")) +
+                       glob.glob(os.path.join(out_dir, "kernel_sweep_*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        if "lowering" not in run:
+            raise ValueError(f"{path}: no 'lowering' field (written by a bench older than this script); rerun it")
+        low = run["lowering"].split(":")[0]
+        if "model" in run:
+            rooflines.setdefault(low, []).append(run)
+        else:
+            sweeps[low] = run
+    return rooflines, sweeps
+
+
+def format_targets(rows: list[dict]) -> str:
+    head = f"{'target':<62} {'passes':>6} {'measured':>8} {'goal':>6}  met"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        measured = "-" if r["measured"] is None else f"{r['measured']:.2f}x"
+        goal = "" if r["goal"] is None else f">={r['goal']:.2f}"
+        met = "" if r["goal"] is None or r["measured"] is None else ("yes" if r["measured"] >= r["goal"] else "NO")
+        lines.append(f"{r['what']:<62} {r['shapes']:>6} {measured:>8} {goal:>6}  {met}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="a gpu_suite.sh results folder")
+    args = parser.parse_args(argv)
+    print(format_targets(mosaic_targets(*load(args.out))))
+
+
+if __name__ == "__main__":
+    main()
