@@ -19,10 +19,12 @@ import os
 from fastgpu_jax.bench import mosaic_targets
 
 
-def load(out_dir: str) -> tuple[dict, dict]:
-    """(rooflines, sweeps) of ``bench.mosaic_targets``, keyed by the lowering each JSON records."""
+def load(out_dir: str) -> tuple[dict, dict, list[str]]:
+    """(rooflines, sweeps) of ``bench.mosaic_targets``, keyed by the lowering each JSON records, and a line per
+    run that was stopped before its end or has shapes that failed."""
     rooflines: dict[str, list[dict]] = {}
     sweeps: dict[str, dict] = {}
+    notes: list[str] = []
     for path in sorted(glob.glob(os.path.join(out_dir, "roofline_*.json")) +
                        glob.glob(os.path.join(out_dir, "kernel_sweep_*.json"))):
         with open(path) as f:
@@ -30,11 +32,14 @@ def load(out_dir: str) -> tuple[dict, dict]:
         if "lowering" not in run:
             raise ValueError(f"{path}: no 'lowering' field (written by a bench older than this script); rerun it")
         low = run["lowering"].split(":")[0]
+        if not run.get("complete", True) or run.get("errors"):
+            notes.append(f"{os.path.basename(path)}: {'stopped early, ' if not run.get('complete', True) else ''}"
+                         f"{len(run['rows'])} rows, failed: {[e['what'] for e in run.get('errors', [])]}")
         if "model" in run:
             rooflines.setdefault(low, []).append(run)
         else:
             sweeps[low] = run
-    return rooflines, sweeps
+    return rooflines, sweeps, notes
 
 
 def format_targets(rows: list[dict]) -> str:
@@ -52,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="a gpu_suite.sh results folder")
     args = parser.parse_args(argv)
-    print(format_targets(mosaic_targets(*load(args.out))))
+    rooflines, sweeps, notes = load(args.out)
+    print(format_targets(mosaic_targets(rooflines, sweeps)))
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

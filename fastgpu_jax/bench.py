@@ -97,6 +97,31 @@ def _pass(kind: str, f: Callable) -> Callable:
     return lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)
 
 
+class _Record:
+    """A run's rows, written to ``json_path`` after each one (``"complete": false`` until the end), so a run stopped
+    by a time limit keeps what it measured; and the shapes that failed, named in ``"errors"`` instead of ending
+    the run (one kernel failing on a GPU must not cost the rest of the measurements)."""
+
+    def __init__(self, json_path: str | None, header: dict):
+        self.json_path, self.header, self.rows, self.errors = json_path, header, [], []
+
+    def add(self, row) -> None:
+        self.rows.append(row)
+        self.save()
+
+    def fail(self, label: str, err: Exception) -> None:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"FAILED: {label}: {type(err).__name__}: {first}", flush=True)
+        self.errors.append({"what": label, "error": f"{type(err).__name__}: {first}"})
+        self.save()
+
+    def save(self, complete: bool = False) -> None:
+        if self.json_path:
+            rows = [r.as_dict() if isinstance(r, Row) else r for r in self.rows]
+            with open(self.json_path, "w") as f:
+                json.dump({**self.header, "complete": complete, "errors": self.errors, "rows": rows}, f, indent=2)
+
+
 def _time_pair(make: Callable[[str], Callable], args: tuple, iters: int, label: str = "") -> tuple[float, float]:
     """(XLA seconds, Pallas seconds) per call; says what it compiles and times, since each can take a while."""
     start = time.perf_counter()
@@ -106,8 +131,7 @@ def _time_pair(make: Callable[[str], Callable], args: tuple, iters: int, label: 
     return out
 
 
-def bench_matmuls(tiny: bool, iters: int) -> list[Row]:
-    rows = []
+def bench_matmuls(tiny: bool, iters: int, record: _Record) -> None:
     for name, m, k, n in MATMUL_SHAPES:
         if tiny:
             m, k, n = (max(16, d // 256) for d in (m, k, n))
@@ -118,14 +142,17 @@ def bench_matmuls(tiny: bool, iters: int) -> list[Row]:
         def make(impl):
             return (lambda a, b: a @ b) if impl == "xla" else (lambda a, b: pallas_matmul(a, b))
 
-        xla_s, pallas_s = _time_pair(make, (a, b), iters, f"matmul {name} {m}x{k}x{n}")
-        rows.append(Row(f"{name} {m}x{k}x{n}", "matmul", 2.0 * m * n * k, xla_s, pallas_s, "matmul",
-                        tuning.matmul_shape_class(m, n, k)))
-    return rows
+        label = f"{name} {m}x{k}x{n}"
+        try:
+            xla_s, pallas_s = _time_pair(make, (a, b), iters, f"matmul {label}")
+        except Exception as e:  # noqa: BLE001 (named in the JSON; the sweep goes on)
+            record.fail(f"matmul {label}", e)
+            continue
+        record.add(Row(label, "matmul", 2.0 * m * n * k, xla_s, pallas_s, "matmul",
+                       tuning.matmul_shape_class(m, n, k)))
 
 
-def bench_convs(tiny: bool, iters: int) -> list[Row]:
-    rows = []
+def bench_convs(tiny: bool, iters: int, record: _Record) -> None:
     convs = resnet50_convs(batch=2 if tiny else 256, image=32 if tiny else 224)
     done = set()
     for conv in convs:
@@ -149,10 +176,13 @@ def bench_convs(tiny: bool, iters: int) -> list[Row]:
         kernel, shape_class = _conv_kernel(x_shape, w_shape, conv["strides"], conv["padding"], math.prod(out[:3]))
         for kind in ("fwd", "dgrad", "wgrad"):
             args = (x, w) if kind == "fwd" else (x, w, dy)
-            xla_s, pallas_s = _time_pair(lambda impl, kind=kind: _pass(kind, impls[impl]), args, iters,
-                                         f"conv {kind} {label}")
-            rows.append(Row(label, f"conv {kind}", flops, xla_s, pallas_s, kernel, shape_class))
-    return rows
+            try:
+                xla_s, pallas_s = _time_pair(lambda impl, kind=kind: _pass(kind, impls[impl]), args, iters,
+                                             f"conv {kind} {label}")
+            except Exception as e:  # noqa: BLE001 (named in the JSON; the sweep goes on)
+                record.fail(f"conv {kind} {label}", e)
+                continue
+            record.add(Row(label, f"conv {kind}", flops, xla_s, pallas_s, kernel, shape_class))
 
 
 def _conv_kernel(x_shape, w_shape, strides, padding, pixels: int) -> tuple[str, str]:
@@ -235,16 +265,19 @@ def run_kernel_benchmarks(*, tiny: bool | None = None, iters: int | None = None,
     """Runs the sweep (``tiny`` defaults to True on CPU), prints the table, optionally writes JSON."""
     tiny = jax.default_backend() == "cpu" if tiny is None else tiny
     iters = iters or (1 if tiny else 20)
-    rows = (bench_matmuls(tiny, iters) if "matmul" in ops else []) + (bench_convs(tiny, iters) if "conv" in ops else [])
+    record = _Record(json_path, {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
+                                 "lowering": lowering.describe(tuning.device_kind())})
+    if "matmul" in ops:
+        bench_matmuls(tiny, iters, record)
+    if "conv" in ops:
+        bench_convs(tiny, iters, record)
+    record.save(complete=True)
     print(f"device: {jax.devices()[0].device_kind} ({tuning.device_kind()}), jax {jax.__version__}, "
           f"{'tiny shapes (interpret mode: not a speed figure)' if tiny else 'full shapes'}, median of {iters}")
-    print(format_table(rows))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
-                       "lowering": lowering.describe(tuning.device_kind()), "rows": [r.as_dict() for r in rows]},
-                      f, indent=2)
-    return rows
+    print(format_table(record.rows))
+    for e in record.errors:
+        print(f"FAILED: {e['what']}: {e['error']}")
+    return record.rows
 
 
 # --- roofline of a model's kernels ----------------------------------------------------------------------
@@ -268,7 +301,9 @@ def run_roofline(model: str, *, batch: int = 256, dtype=jnp.bfloat16, iters: int
     """Per distinct kernel of ``model``'s train step: GFLOP, minimum HBM MB, the H100 roofline time and, on a
     GPU (``measure``), XLA's and Pallas's measured times and the fraction of the roofline each reaches."""
     measure = jax.default_backend() == "gpu" if measure is None else measure
-    rows = []
+    record = _Record(json_path, {"model": model, "batch": batch, "dtype": jnp.dtype(dtype).name,
+                                 "jax": jax.__version__, "lowering": lowering.describe(tuning.device_kind()),
+                                 "device": jax.devices()[0].device_kind})
     for k in roofline.model_kernel_shapes(model, batch):
         itemsize = jnp.dtype(dtype).itemsize
         kernel = "matmul" if k.op == "matmul" else _conv_kernel(
@@ -277,20 +312,21 @@ def run_roofline(model: str, *, batch: int = 256, dtype=jnp.bfloat16, iters: int
                    kernel=kernel, count=k.count, gflop=k.flops / 1e9, min_mb=k.min_bytes(itemsize) / 1e6,
                    roofline_us=k.roofline_s(dtype) * 1e6, epilogue_saved_mb=k.epilogue_bytes_saved(itemsize) / 1e6)
         if measure:
-            fns = _pass_fns(k, dtype)
-            for impl, (fn, args) in fns.items():
-                row[f"{impl}_us"] = tuning.time_fn(jax.jit(fn), *args, warmup=1, iters=iters) * 1e6
-                row[f"{impl}_of_roofline"] = row["roofline_us"] / row[f"{impl}_us"]
-        rows.append(row)
+            try:
+                for impl, (fn, args) in _pass_fns(k, dtype).items():
+                    row[f"{impl}_us"] = tuning.time_fn(jax.jit(fn), *args, warmup=1, iters=iters) * 1e6
+                    row[f"{impl}_of_roofline"] = row["roofline_us"] / row[f"{impl}_us"]
+            except Exception as e:  # noqa: BLE001 (named in the JSON; the run goes on)
+                record.fail(f"{k.op} {k.kind} {row['layer']}", e)
+                continue
+        record.add(row)
+    record.save(complete=True)
     print(f"roofline: {model} train-step kernels, batch {batch}, {jnp.dtype(dtype).name}; H100 SXM peaks "
           f"{roofline.H100}; device {jax.devices()[0].device_kind}" + ("" if measure else " (predicted only)"))
-    print(format_roofline(rows))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"model": model, "batch": batch, "dtype": jnp.dtype(dtype).name, "jax": jax.__version__,
-                       "lowering": lowering.describe(tuning.device_kind()),
-                       "device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
-    return rows
+    print(format_roofline(record.rows))
+    for e in record.errors:
+        print(f"FAILED: {e['what']}: {e['error']}")
+    return record.rows
 
 
 def format_roofline(rows: list[dict]) -> str:

@@ -244,7 +244,9 @@ def test_mosaic_targets_read_a_suites_runs_by_their_recorded_lowering(tmp_path, 
     def geomean(values):
         return float(np.exp(np.mean(np.log(list(values)))))
 
-    targets = bench.mosaic_targets(*script.load(str(tmp_path)))
+    rooflines, sweeps, notes = script.load(str(tmp_path))
+    targets = bench.mosaic_targets(rooflines, sweeps)
+    assert notes == []
 
     def target(start):
         (hit,) = [r for r in targets if r["what"].startswith(start)]
@@ -268,3 +270,45 @@ def test_mosaic_targets_read_a_suites_runs_by_their_recorded_lowering(tmp_path, 
     (tmp_path / "kernel_sweep_triton.json").write_text(json.dumps(sweep))  # no "lowering": an older bench
     with pytest.raises(ValueError, match="kernel_sweep_triton.json: no 'lowering' field"):
         script.load(str(tmp_path))
+
+
+def test_runs_save_each_row_as_timed_and_name_a_failing_shape_without_stopping(tmp_path, monkeypatch, capsys):
+    """On a GPU a run may be stopped by a time limit or meet a kernel that fails on one shape: the JSON holds every
+    row timed so far ("complete": false until the end) and names the failed shapes, and the run goes on."""
+    from fastgpu_jax import roofline
+
+    path, labels = tmp_path / "sweep.json", []
+
+    def time_pair(make, args, iters, label=""):
+        if labels:
+            saved = json.loads(path.read_text())
+            assert not saved["complete"] and len(saved["rows"]) + len(saved["errors"]) == len(labels)
+        labels.append(label)
+        if "qkv" in label:
+            raise RuntimeError("a kernel that failed\nits long traceback")
+        return 2.0, 1.0
+
+    monkeypatch.setattr(bench, "_time_pair", time_pair)
+    rows = bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(path))
+    saved = json.loads(path.read_text())
+    assert saved["complete"] and len(rows) == len(saved["rows"]) == len(bench.MATMUL_SHAPES) - 1
+    (failed,) = [label for label in labels if "qkv" in label]
+    assert saved["errors"] == [{"what": failed, "error": "RuntimeError: a kernel that failed"}]
+    assert f"FAILED: {failed}" in capsys.readouterr().out
+
+    calls = []
+
+    def time_fn(fn, *args, **kw):
+        calls.append(fn)
+        if len(calls) == 3:  # the second pass's XLA call
+            raise ValueError("out of memory")
+        return 1e-3
+
+    monkeypatch.setattr(bench.tuning, "time_fn", time_fn)
+    path = tmp_path / "roofline.json"
+    rows = bench.run_roofline("vit_b16", batch=1, measure=True, json_path=str(path))
+    saved = json.loads(path.read_text())
+    passes = roofline.model_kernel_shapes("vit_b16", 1)
+    assert saved["complete"] and len(rows) == len(saved["rows"]) == len(passes) - 1
+    assert [e["error"] for e in saved["errors"]] == ["ValueError: out of memory"]
+    assert all(r["xla_us"] == r["pallas_us"] == 1e3 for r in saved["rows"])
