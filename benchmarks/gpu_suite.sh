@@ -16,15 +16,18 @@
 # Each step is stopped after GPU_SUITE_STEP_LIMIT seconds (default 420), and none starts once the run has
 # used GPU_SUITE_DEADLINE seconds (default: none), so that a run fits a command time limit and still packs.
 #
-# On the lent GPU machine (10 minutes a command, 30 a session, 8 files back) run three commands, carrying
-# device-wheels/ (made here with ../shared/tools/device-wheels.sh) and, for the third, gpu-suite-out/ (the first
-# command's tar unpacked here), each as
+# On the lent GPU machine (10 minutes a command, 30 a session, 8 files back) run three commands, each carrying
+# device-wheels/ (made here first with benchmarks/device_wheels.sh: the 5 wheels that machine lacks), as
 #   GPU_SUITE_DEADLINE=540 bash benchmarks/gpu_suite.sh gpu-suite-out --only PARTS --tar $OUT/PARTS.tgz
-# with PARTS = tests,sweeps, then roofline, then steps.
+# with PARTS = tests,sweeps, then roofline, then steps. Each call starts from what is carried: after each, unpack
+# its tar here (`tar xzf FILES_AT/PARTS.tgz`, into ./gpu-suite-out, ignored by git) and carry gpu-suite-out too, so
+# the targets see the first call's sweeps and the step benches' `auto` loads its measured_tuning.json.
+# A step past its limit leaves what it measured: kernel runs save their JSON after every row.
 #
 # For a GPU machine with jax (CUDA) preinstalled and no package index: wheels it lacks are installed from
 # ./device-wheels when present (jax is never reinstalled; pytest comes with that machine's image), and the project
-# is imported from this checkout (PYTHONPATH), not pip-installed.
+# is imported from this checkout (PYTHONPATH), not pip-installed. Checked on CPU in a Python 3.12 venv holding
+# only that image's packages (jax 0.11.2): the install and the kernel tests (160 passed).
 # --dry-run (any machine): prints every step and runs the CPU-possible ones: the kernel tests (interpret
 # mode), the predicted roofline columns, and the sweep and model benches at tiny sizes.
 set -euo pipefail

@@ -107,3 +107,35 @@ def trained_digits(tmp_path_factory):
                  "train.log_every_steps=100", "log.tensorboard=False", "log.progress_bar=False"]
     fg.train(fg.load_config(DIGITS + ":quick", overrides=overrides), str(workdir))
     return workdir
+
+
+@pytest.fixture
+def mosaic_race_detectors(monkeypatch):
+    """The race detectors of every Mosaic GPU kernel the test interprets (``lowering.mosaic_interpreter`` turns
+    detection on; the interpreter makes a fresh detector per kernel run, so each one made is kept here).
+    Empty where this jax has no Mosaic GPU interpreter."""
+    made: list = []
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    except ImportError:
+        yield made
+        return
+    name = next(n for n in ("GPURaceDetectionState", "RaceDetectionState") if hasattr(gpu_callbacks, n))
+    make = getattr(gpu_callbacks, name)
+
+    def keep(*args, **kwargs):
+        made.append(make(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(gpu_callbacks, name, keep)
+    yield made
+
+
+@pytest.fixture
+def no_mosaic_races(mosaic_race_detectors):
+    """Fails the test when a Mosaic GPU kernel it interpreted raced: read shared memory before the barrier of
+    its copy was waited, or overwrote a buffer another warpgroup had not released. On a GPU that corrupts
+    results now and then; the interpreter alone would compute the right answer and pass."""
+    yield
+    raced = sum(r.races_found for r in mosaic_race_detectors)
+    assert not raced, f"the Mosaic GPU interpreter found races in {raced} kernel run(s) (details printed above)"

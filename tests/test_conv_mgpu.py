@@ -17,6 +17,7 @@ from fastgpu_jax.pallas_kernels import conv_mgpu, lowering, tuning
 from fastgpu_jax.pallas_kernels.conv2d import conv2d
 
 on_cpu = jax.default_backend() == "cpu"
+pytestmark = pytest.mark.usefixtures("no_mosaic_races")  # interpreted kernels must not race
 needs_interpreter = pytest.mark.skipif(
     on_cpu and lowering.mosaic_interpreter() is None,
     reason=lowering.MOSAIC_INTERPRETER_MISSING.format(jax.__version__))

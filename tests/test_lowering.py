@@ -101,6 +101,31 @@ def test_a_jax_without_the_mosaic_interpreter_fails_with_the_reason(monkeypatch)
         matmul(a, a, interpret=True)
 
 
+@pytest.mark.skipif(lowering.mosaic_interpreter() is None, reason="this jax has no Mosaic GPU interpreter")
+@pytest.mark.parametrize("wait", [True, False])
+def test_the_mosaic_interpreter_reports_a_read_before_its_copy_is_waited(wait, mosaic_race_detectors):
+    """The seam's interpreter params detect races: a kernel that reads shared memory before waiting on the
+    barrier of the TMA copy filling it is reported (it still computes 2 here), the same kernel with the wait is
+    not. What no_mosaic_races relies on for the matmul and conv kernels."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def kernel(x_ref, out_ref, smem_ref, barrier_ref):
+        plgpu.copy_gmem_to_smem(x_ref, smem_ref, barrier_ref)
+        if wait:
+            plgpu.barrier_wait(barrier_ref)
+        smem_ref[...] = smem_ref[...] + 1.0
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem_ref, out_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+    out = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+                       scratch_types=dict(smem_ref=plgpu.SMEM((8, 128), jnp.float32),
+                                           barrier_ref=plgpu.Barrier(num_arrivals=1)),
+                       interpret=lowering.mosaic_interpreter())(jnp.ones((8, 128), jnp.float32))
+    assert float(out[0, 0]) == 2.0
+    assert [r.races_found for r in mosaic_race_detectors] == [not wait]
+
+
 def test_a_conv_layer_follows_the_run_lowering():
     """fg.nn.Conv on the pallas backend: a 3x3 conv is the implicit-GEMM kernel, a 1x1 the matmul; both on Mosaic
     GPU on an H100 under auto, both on Triton when the run says so (the 1x1 once ignored it)."""

@@ -18,6 +18,7 @@ from fastgpu_jax.pallas_kernels import lowering, tuning
 from fastgpu_jax.pallas_kernels.matmul import matmul
 
 on_cpu = jax.default_backend() == "cpu"
+pytestmark = pytest.mark.usefixtures("no_mosaic_races")  # interpreted kernels must not race
 needs_interpreter = pytest.mark.skipif(  # on a GPU these run the real kernel
     on_cpu and lowering.mosaic_interpreter() is None,
     reason=lowering.MOSAIC_INTERPRETER_MISSING.format(jax.__version__))

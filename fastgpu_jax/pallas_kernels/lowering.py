@@ -183,12 +183,15 @@ MOSAIC_INTERPRETER_MISSING = ("the Mosaic GPU interpreter (jax._src.pallas.mosai
 
 def mosaic_interpreter():
     """The Mosaic GPU interpreter's params (simulated threads, TMA and barriers on CPU), or None where this jax
-    lacks that private module (it exists in jax 0.10.2 through 0.12; its path may move)."""
+    lacks that private module (it exists in jax 0.10.2 through 0.12; its path may move). Its happens-before race
+    detector is on (no measurable cost here): a kernel that reads shared memory before waiting on its copy's
+    barrier, or refills a buffer a consumer has not released, is reported (printed, and ``races_found``), where
+    the interpreter alone would compute the right answer; the tests fail on it (``no_mosaic_races``)."""
     try:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except ImportError:
         return None
-    return InterpretGPUParams()
+    return InterpretGPUParams(detect_races=True)
 
 
 _SMS = {"H100": 132, "H200": 132}
