@@ -523,10 +523,10 @@ def run_model_benchmark(cfg, *, device_counts: tuple[int, ...] | None = None,
     info = data_info(cfg)
     shape = tuple(info.image_shape)
     rows = []
-    for backend in backends:
+    for op_backend in backends:
         base = None
         for n in counts:
-            row = bench_step(cfg, n, backend, steps, info)
+            row = bench_step(cfg, n, op_backend, steps, info)
             base = base or (row if n == 1 else None)
             row.efficiency = row.examples_per_s / (n * base.examples_per_s) if base else float("nan")
             rows.append(row)

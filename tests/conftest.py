@@ -131,11 +131,24 @@ def mosaic_race_detectors(monkeypatch):
     yield made
 
 
+MOSAIC_TEST_LIMIT_S = 300  # the slowest interpreted Mosaic GPU test takes ~25 s on 2 cores
+
+
 @pytest.fixture
 def no_mosaic_races(mosaic_race_detectors):
     """Fails the test when a Mosaic GPU kernel it interpreted raced: read shared memory before the barrier of
     its copy was waited, or overwrote a buffer another warpgroup had not released. On a GPU that corrupts
-    results now and then; the interpreter alone would compute the right answer and pass."""
-    yield
+    results now and then; the interpreter alone would compute the right answer and pass.
+
+    Also a watchdog: a kernel bug the interpreter raises on (e.g. a barrier completed twice) leaves its other
+    simulated warpgroups waiting forever, so past MOSAIC_TEST_LIMIT_S the process prints every thread's
+    traceback and exits (under xdist: that worker's test fails and a new worker goes on) instead of hanging."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(MOSAIC_TEST_LIMIT_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     raced = sum(r.races_found for r in mosaic_race_detectors)
     assert not raced, f"the Mosaic GPU interpreter found races in {raced} kernel run(s) (details printed above)"

@@ -318,7 +318,7 @@ def test_hf_parquet_files_convert_with_their_class_names(tmp_path):
 
 def test_hf_save_to_disk_folders_convert(tmp_path):
     pa = pytest.importorskip("pyarrow")
-    import pyarrow.ipc
+    import pyarrow.ipc  # noqa: F401 (loads pa.ipc)
 
     expect = {}
     for folder, split, n in (("train", "train", 9), ("test", "test", 4)):

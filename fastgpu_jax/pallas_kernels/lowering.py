@@ -186,12 +186,14 @@ def mosaic_interpreter():
     lacks that private module (it exists in jax 0.10.2 through 0.12; its path may move). Its happens-before race
     detector is on (no measurable cost here): a kernel that reads shared memory before waiting on its copy's
     barrier, or refills a buffer a consumer has not released, is reported (printed, and ``races_found``), where
-    the interpreter alone would compute the right answer; the tests fail on it (``no_mosaic_races``)."""
+    the interpreter alone would compute the right answer; the tests fail on it (``no_mosaic_races``). TMA copies
+    are spread over 16 simulated copy threads (jax's default is 1 or 5): copies sharing a thread are ordered, so
+    waiting on a later copy's barrier hid a missing wait on the bias copy; with 16 it is reported."""
     try:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except ImportError:
         return None
-    return InterpretGPUParams(detect_races=True)
+    return InterpretGPUParams(detect_races=True, num_tma_threads_per_device=16)
 
 
 _SMS = {"H100": 132, "H200": 132}
