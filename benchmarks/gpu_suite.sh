@@ -3,7 +3,8 @@
 #   tests     the kernel tests on the GPU (TF32-aware f32 tolerances; the Mosaic GPU tests run the real kernels)
 #   sweeps    the Pallas-vs-XLA kernel sweep once per Pallas lowering (Triton, Mosaic GPU), then the lowering
 #             verdict: OUT/measured_tuning.json, which `auto` loads in `steps`
-#   roofline  the ResNet-50 and ViT-B/16 train-step kernels, XLA and Pallas measured, per lowering, then
+#   roofline  the ViT-B/16 train-step kernels, XLA and Pallas measured, per lowering (ResNet-50's are the sweep's
+#             conv rows; GPU_SUITE_ROOFLINE_MODELS="resnet50 vit_b16" adds its roofline table), then
 #             benchmarks/mosaic_targets.py: the Mosaic GPU issue's targets, measured against their goals
 #   steps     the ResNet-50 and ViT-B/16 train-step benches, model.backend xla, pallas and auto (with
 #             OUT/measured_tuning.json when there), plus pallas on Triton only
@@ -16,12 +17,13 @@
 # Each step is stopped after GPU_SUITE_STEP_LIMIT seconds (default 420), and none starts once the run has
 # used GPU_SUITE_DEADLINE seconds (default: none), so that a run fits a command time limit and still packs.
 #
-# On the lent GPU machine (10 minutes a command, 30 a session, 8 files back) run three commands, each carrying
+# On the lent GPU machine (10 minutes a command, 30 a session, 8 files back) run it in calls, each carrying
 # device-wheels/ (made here first with benchmarks/device_wheels.sh: the 5 wheels that machine lacks), as
 #   GPU_SUITE_DEADLINE=540 bash benchmarks/gpu_suite.sh gpu-suite-out --only PARTS --tar $OUT/PARTS.tgz
-# with PARTS = tests,sweeps, then roofline, then steps. Each call starts from what is carried: after each, unpack
-# its tar here (`tar xzf FILES_AT/PARTS.tgz`, into ./gpu-suite-out, ignored by git) and carry gpu-suite-out too, so
-# the targets see the first call's sweeps and the step benches' `auto` loads its measured_tuning.json.
+# with PARTS = tests,sweeps (2 x 77 XLA/Pallas pairs), then roofline,steps (2 x 17 pairs, 4 train-step benches),
+# then whatever OUT/failed.txt names as skipped. Each call starts from what is carried: after each, unpack its tar
+# here (`tar xzf FILES_AT/PARTS.tgz`, into ./gpu-suite-out, ignored by git) and carry gpu-suite-out too, so the
+# targets see the first call's sweeps and the step benches' `auto` loads its measured_tuning.json.
 # A step past its limit leaves what it measured: kernel runs save their JSON after every row.
 #
 # For a GPU machine with jax (CUDA) preinstalled and no package index: wheels it lacks are installed from
@@ -120,7 +122,7 @@ if wants sweeps; then
 fi
 if wants roofline; then
   for low in mosaic triton; do
-    for model in resnet50 vit_b16; do
+    for model in ${GPU_SUITE_ROOFLINE_MODELS:-vit_b16}; do
       step "roofline_${model}_$low" "$py" -m fastgpu_jax bench --kernels --model "$model" --lowering "$low" \
         --json "$out/roofline_${model}_$low.json"
     done

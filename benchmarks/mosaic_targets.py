@@ -2,11 +2,11 @@
 
     python benchmarks/mosaic_targets.py OUT
 
-OUT is a ``benchmarks/gpu_suite.sh`` folder: its ``roofline_{resnet50,vit_b16}_{mosaic,triton}.json`` (the
-train-step passes of both models, per lowering) and ``kernel_sweep_mosaic.json`` (the square matmuls). Each JSON
-says which lowering ran it; a run that is missing leaves its rows "not measured". Goals (one H100, bf16): the
-Mosaic matmul >= 1.05x XLA (geometric mean) on the two models' train-step passes and >= 1.0x at 4096^3 and
-8192^3; the Mosaic conv >= the Triton conv.
+OUT is a ``benchmarks/gpu_suite.sh`` folder: its ``kernel_sweep_{mosaic,triton}.json`` (ResNet-50's convs, three
+passes each, and the square matmuls) and ``roofline_vit_b16_{mosaic,triton}.json`` (ViT-B/16's train-step passes).
+Each JSON says which lowering ran it; a run that is missing leaves its rows "not measured". Goals (one H100,
+bf16): the Mosaic matmul >= 1.05x XLA (geometric mean) on the two models' train-step passes and >= 1.0x at
+4096^3 and 8192^3; the Mosaic conv >= the Triton conv.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fastgpu_jax.bench import mosaic_targets
 
 
 def load(out_dir: str) -> tuple[dict, dict, list[str]]:
-    """(rooflines, sweeps) of ``bench.mosaic_targets``, keyed by the lowering each JSON records, and a line per
+    """(sweeps, rooflines) of ``bench.mosaic_targets``, keyed by the lowering each JSON records, and a line per
     run that was stopped before its end or has shapes that failed."""
     rooflines: dict[str, list[dict]] = {}
     sweeps: dict[str, dict] = {}
@@ -32,6 +32,8 @@ def load(out_dir: str) -> tuple[dict, dict, list[str]]:
         if "lowering" not in run:
             raise ValueError(f"{path}: no 'lowering' field (written by a bench older than this script); rerun it")
         low = run["lowering"].split(":")[0]
+        if run.get("tiny"):
+            notes.append(f"{os.path.basename(path)}: tiny shapes (not speed figures)")
         if not run.get("complete", True) or run.get("errors"):
             notes.append(f"{os.path.basename(path)}: {'stopped early, ' if not run.get('complete', True) else ''}"
                          f"{len(run['rows'])} rows, failed: {[e['what'] for e in run.get('errors', [])]}")
@@ -39,7 +41,7 @@ def load(out_dir: str) -> tuple[dict, dict, list[str]]:
             rooflines.setdefault(low, []).append(run)
         else:
             sweeps[low] = run
-    return rooflines, sweeps, notes
+    return sweeps, rooflines, notes
 
 
 def format_targets(rows: list[dict]) -> str:
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="a gpu_suite.sh results folder")
     args = parser.parse_args(argv)
-    rooflines, sweeps, notes = load(args.out)
-    print(format_targets(mosaic_targets(rooflines, sweeps)))
+    sweeps, rooflines, notes = load(args.out)
+    print(format_targets(mosaic_targets(sweeps, rooflines)))
     for note in notes:
         print(note)
 
