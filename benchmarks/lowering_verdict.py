@@ -29,6 +29,8 @@ def format_verdicts(rows: list[dict]) -> str:
     for r in rows:
         best = "Triton" if r["triton_faster"] else "Mosaic"
         verdict = f"{best} Pallas" if r["faster_than_xla"] else f"XLA (Pallas best: {best})"
+        wrong = [name for name in ("triton", "mosaic") if r.get(f"{name}_wrong")]
+        verdict += f"; WRONG output: {', '.join(wrong)}" if wrong else ""
         lines.append(f"{r['kind']:<6} {r['op']:<7} {r['shape_class']:<7} {r['rows']:>4} {r['triton_vs_xla']:>10.2f} "
                      f"{r['mosaic_vs_xla']:>10.2f}  {verdict}")
     return "\n".join(lines)

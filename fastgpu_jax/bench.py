@@ -53,6 +53,7 @@ class Row:
     pallas_s: float
     kernel: str = ""  # the Pallas kernel that ran it: "matmul" or "conv2d" (1x1/patchify/stem convs are matmuls)
     shape_class: str = ""  # that kernel's tuning shape class
+    error: float = float("nan")  # max |Pallas - XLA| / max |XLA| over the outputs (``output_error``)
 
     @property
     def ratio(self) -> float:
@@ -122,13 +123,31 @@ class _Record:
                 json.dump({**self.header, "complete": complete, "errors": self.errors, "rows": rows}, f, indent=2)
 
 
-def _time_pair(make: Callable[[str], Callable], args: tuple, iters: int, label: str = "") -> tuple[float, float]:
-    """(XLA seconds, Pallas seconds) per call; says what it compiles and times, since each can take a while."""
+WRONG = 2e-2  # an ``output_error`` above this is a kernel computing something else, not bf16 rounding
+
+
+def output_error(reference, got) -> float:
+    """max |got - reference| / max |reference| over all outputs (pytrees), in float32: bf16 rounding and another
+    summation order stay well under ``WRONG``; a kernel that reads the wrong tile or misses a wait does not."""
+    pairs = list(zip(jax.tree.leaves(reference), jax.tree.leaves(got)))
+    diff = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))) for r, g in pairs)
+    scale = max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))) for r, _ in pairs)
+    return diff / scale if scale else diff
+
+
+def _time_pair(make: Callable[[str], Callable], args: tuple, iters: int,
+               label: str = "") -> tuple[float, float, float]:
+    """(XLA seconds, Pallas seconds) per call and the Pallas output's ``output_error`` against XLA's (a speed
+    figure is worth nothing if the kernel is wrong there, and on a GPU the sweep is what runs every shape); says
+    what it compiles and times, since each can take a while."""
     start = time.perf_counter()
     print(f"bench: {label} (compile + {iters} timed call(s), XLA then Pallas) ...", end=" ", flush=True)
-    out = tuple(tuning.time_fn(jax.jit(make(impl)), *args, warmup=1, iters=iters) for impl in ("xla", "pallas"))
-    print(f"{time.perf_counter() - start:.1f} s", flush=True)
-    return out
+    fns = {impl: jax.jit(make(impl)) for impl in ("xla", "pallas")}
+    xla_s, pallas_s = (tuning.time_fn(fns[impl], *args, warmup=1, iters=iters) for impl in ("xla", "pallas"))
+    error = output_error(fns["xla"](*args), fns["pallas"](*args))
+    print(f"{time.perf_counter() - start:.1f} s" + (f" (WRONG: error {error:.2g})" if error > WRONG else ""),
+          flush=True)
+    return xla_s, pallas_s, error
 
 
 def bench_matmuls(tiny: bool, iters: int, record: _Record) -> None:
@@ -144,12 +163,12 @@ def bench_matmuls(tiny: bool, iters: int, record: _Record) -> None:
 
         label = f"{name} {m}x{k}x{n}"
         try:
-            xla_s, pallas_s = _time_pair(make, (a, b), iters, f"matmul {label}")
+            xla_s, pallas_s, error = _time_pair(make, (a, b), iters, f"matmul {label}")
         except Exception as e:  # noqa: BLE001 (named in the JSON; the sweep goes on)
             record.fail(f"matmul {label}", e)
             continue
         record.add(Row(label, "matmul", 2.0 * m * n * k, xla_s, pallas_s, "matmul",
-                       tuning.matmul_shape_class(m, n, k)))
+                       tuning.matmul_shape_class(m, n, k), error))
 
 
 def bench_convs(tiny: bool, iters: int, record: _Record) -> None:
@@ -177,12 +196,12 @@ def bench_convs(tiny: bool, iters: int, record: _Record) -> None:
         for kind in ("fwd", "dgrad", "wgrad"):
             args = (x, w) if kind == "fwd" else (x, w, dy)
             try:
-                xla_s, pallas_s = _time_pair(lambda impl, kind=kind: _pass(kind, impls[impl]), args, iters,
-                                             f"conv {kind} {label}")
+                xla_s, pallas_s, error = _time_pair(lambda impl, kind=kind: _pass(kind, impls[impl]), args, iters,
+                                                    f"conv {kind} {label}")
             except Exception as e:  # noqa: BLE001 (named in the JSON; the sweep goes on)
                 record.fail(f"conv {kind} {label}", e)
                 continue
-            record.add(Row(label, f"conv {kind}", flops, xla_s, pallas_s, kernel, shape_class))
+            record.add(Row(label, f"conv {kind}", flops, xla_s, pallas_s, kernel, shape_class, error))
 
 
 def _conv_kernel(x_shape, w_shape, strides, padding, pixels: int) -> tuple[str, str]:
@@ -202,17 +221,22 @@ def lowering_verdicts(triton: dict, mosaic: dict) -> list[dict]:
         raise ValueError(f"lowering verdicts need two full-size sweeps on one GPU kind, got kinds {sorted(kinds)} "
                          f"and tiny={triton.get('tiny')}/{mosaic.get('tiny')}")
     by_key = {(r["op"], r["name"]): r for r in mosaic["rows"]}
-    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    groups: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
     for r in triton["rows"]:
         m = by_key.get((r["op"], r["name"]))
         if m is not None and r.get("kernel"):
-            groups.setdefault((r["kernel"], r["shape_class"]), []).append((r["ratio"], m["ratio"]))
+            groups.setdefault((r["kernel"], r["shape_class"]), []).append((r, m))
     (kind,) = kinds
     out = []
     for (kernel, shape_class), pairs in sorted(groups.items()):
-        t, m = geomean([p[0] for p in pairs]), geomean([p[1] for p in pairs])
+        t, m = (geomean([p[i]["ratio"] for p in pairs]) for i in (0, 1))
+        # a lowering that computed a wrong output on any shape of the group is never the one auto takes
+        t_ok, m_ok = (not any(p[i].get("error", 0) > WRONG for p in pairs) for i in (0, 1))
+        triton_faster = t_ok and (t > m or not m_ok)
+        best = t if triton_faster else m
         out.append(dict(kind=kind, op=kernel, shape_class=shape_class, rows=len(pairs), triton_vs_xla=t,
-                        mosaic_vs_xla=m, triton_faster=t > m, faster_than_xla=max(t, m) > 1.0))
+                        mosaic_vs_xla=m, triton_wrong=not t_ok, mosaic_wrong=not m_ok, triton_faster=triton_faster,
+                        faster_than_xla=(t_ok or m_ok) and best > 1.0))
     return out
 
 
@@ -255,11 +279,12 @@ def geomean(values: list[float]) -> float:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'op':<11} {'shape':<40} {'XLA TF/s':>9} {'Pallas TF/s':>11} {'ratio':>6}"
+    head = f"{'op':<11} {'shape':<40} {'XLA TF/s':>9} {'Pallas TF/s':>11} {'ratio':>6} {'error':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.op:<11} {r.name:<40} {r.flops / r.xla_s / 1e12:>9.3g} "
-                     f"{r.flops / r.pallas_s / 1e12:>11.3g} {r.ratio:>6.2f}")
+                     f"{r.flops / r.pallas_s / 1e12:>11.3g} {r.ratio:>6.2f} {r.error:>8.2g}"
+                     + ("  WRONG" if r.error > WRONG else ""))
     for op in sorted({r.op for r in rows}):
         lines.append(f"{op:<11} {'geometric mean (Pallas / XLA)':<40} {'':>9} {'':>11} "
                      f"{geomean([r.ratio for r in rows if r.op == op]):>6.2f}")
@@ -319,9 +344,11 @@ def run_roofline(model: str, *, batch: int = 256, dtype=jnp.bfloat16, iters: int
                    roofline_us=k.roofline_s(dtype) * 1e6, epilogue_saved_mb=k.epilogue_bytes_saved(itemsize) / 1e6)
         if measure:
             try:
-                for impl, (fn, args) in _pass_fns(k, dtype).items():
-                    row[f"{impl}_us"] = tuning.time_fn(jax.jit(fn), *args, warmup=1, iters=iters) * 1e6
+                fns = {impl: (jax.jit(fn), args) for impl, (fn, args) in _pass_fns(k, dtype).items()}
+                for impl, (fn, args) in fns.items():
+                    row[f"{impl}_us"] = tuning.time_fn(fn, *args, warmup=1, iters=iters) * 1e6
                     row[f"{impl}_of_roofline"] = row["roofline_us"] / row[f"{impl}_us"]
+                row["error"] = output_error(*(fn(*args) for fn, args in fns.values()))
             except Exception as e:  # noqa: BLE001 (named in the JSON; the run goes on)
                 record.fail(f"{k.op} {k.kind} {row['layer']}", e)
                 continue
@@ -346,7 +373,8 @@ def format_roofline(rows: list[dict]) -> str:
                 f"{r['min_mb']:>8.1f} {r['roofline_us']:>8.1f}")
         if measured:
             line += (f" {r['xla_us']:>8.1f} {r['pallas_us']:>9.1f} {r['xla_of_roofline']:>8.2f} "
-                     f"{r['pallas_of_roofline']:>8.2f} {r['xla_us'] / r['pallas_us']:>7.2f}")
+                     f"{r['pallas_of_roofline']:>8.2f} {r['xla_us'] / r['pallas_us']:>7.2f}"
+                     + ("  WRONG" if r.get("error", 0) > WRONG else ""))
         lines.append(line)
     saved = sum(r.get("epilogue_saved_mb", 0) * r["count"] for r in rows)
     if saved:

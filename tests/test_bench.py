@@ -31,7 +31,14 @@ def test_tiny_matmul_sweep_prints_a_table_and_json(tmp_path, capsys):
     assert "bench: matmul square 8192" in out  # says what it compiles before it does
     saved = json.loads((tmp_path / "b.json").read_text())
     assert len(saved["rows"]) == len(rows) and all(r["xla_s"] > 0 and r["pallas_s"] > 0 for r in saved["rows"])
+    assert all(0 <= r["error"] < bench.WRONG for r in saved["rows"])  # the kernel's output checked against XLA's
     assert bench.geomean([2.0, 0.5]) == 1.0
+
+
+def test_output_error_is_relative_to_the_largest_reference_value():
+    ref = (jnp.array([4.0, -8.0]), jnp.array([[1.0]], jnp.bfloat16))
+    assert bench.output_error(ref, ref) == 0.0
+    assert bench.output_error(ref, (jnp.array([4.0, -7.0]), jnp.array([[3.0]], jnp.bfloat16))) == 2.0 / 8.0
 
 
 def test_model_benchmark_times_the_step_on_cpu_on_stand_in_data(tmp_path, capsys):
@@ -181,6 +188,9 @@ def test_lowering_verdicts_feed_auto_through_a_tuning_table(tmp_path, monkeypatc
     assert conv["rows"] == 2 and conv["triton_faster"] and conv["faster_than_xla"] and conv["kind"] == "H100"
     assert abs(conv["triton_vs_xla"] - (1.2 * 1.1) ** 0.5) < 1e-9 and abs(conv["mosaic_vs_xla"] - 0.9 ** 0.5) < 1e-9
     assert not verdicts[("matmul", "large")]["triton_faster"]
+    wrong = dict(mosaic, rows=[dict(r, error=0.5) if r["name"] == "b" else r for r in mosaic["rows"]])
+    verdict = {(v["op"], v["shape_class"]): v for v in bench.lowering_verdicts(triton, wrong)}[("matmul", "large")]
+    assert verdict["mosaic_wrong"] and verdict["triton_faster"] and not verdict["faster_than_xla"]  # Triton: 0.8
 
     spec = importlib.util.spec_from_file_location("lowering_verdict", f"{ROOT}/benchmarks/lowering_verdict.py")
     script = importlib.util.module_from_spec(spec)
@@ -227,7 +237,7 @@ def test_mosaic_targets_read_a_suites_runs_by_their_recorded_lowering(tmp_path, 
     speeds: dict = {}  # (lowering, kernel) -> {pass: Pallas speed vs XLA}
     for low in ("mosaic", "triton"):
         with lowering.use_lowering(low):
-            monkeypatch.setattr(bench, "_time_pair", lambda *a, **k: (3.0, 3.0 / float(rng.uniform(0.5, 2.0))))
+            monkeypatch.setattr(bench, "_time_pair", lambda *a, **k: (3.0, 3.0 / float(rng.uniform(0.5, 2.0)), 0.0))
             bench.run_kernel_benchmarks(tiny=True, json_path=str(tmp_path / f"kernel_sweep_{low}.json"))
             path = tmp_path / f"roofline_vit_b16_{low}.json"
             bench.run_roofline("vit_b16", batch=1, measure=False, json_path=str(path))
@@ -290,7 +300,7 @@ def test_runs_save_each_row_as_timed_and_name_a_failing_shape_without_stopping(t
         labels.append(label)
         if "qkv" in label:
             raise RuntimeError("a kernel that failed\nits long traceback")
-        return 2.0, 1.0
+        return 2.0, 1.0, 0.0
 
     monkeypatch.setattr(bench, "_time_pair", time_pair)
     rows = bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(path))
@@ -309,10 +319,14 @@ def test_runs_save_each_row_as_timed_and_name_a_failing_shape_without_stopping(t
         return 1e-3
 
     monkeypatch.setattr(bench.tuning, "time_fn", time_fn)
+    one = (jnp.ones(2),)  # each pass's XLA and "Pallas" functions: the latter 1.5x off, an output error of 0.5
+    monkeypatch.setattr(bench, "_pass_fns",
+                        lambda k, dtype: {"xla": (lambda x: x, one), "pallas": (lambda x: 1.5 * x, one)})
     path = tmp_path / "roofline.json"
     rows = bench.run_roofline("vit_b16", batch=1, measure=True, json_path=str(path))
     saved = json.loads(path.read_text())
     passes = roofline.model_kernel_shapes("vit_b16", 1)
     assert saved["complete"] and len(rows) == len(saved["rows"]) == len(passes) - 1
     assert [e["error"] for e in saved["errors"]] == ["ValueError: out of memory"]
-    assert all(r["xla_us"] == r["pallas_us"] == 1e3 for r in saved["rows"])
+    assert all(r["xla_us"] == r["pallas_us"] == 1e3 and r["error"] == 0.5 for r in saved["rows"])
+    assert capsys.readouterr().out.count("WRONG") == len(rows)
