@@ -16,7 +16,7 @@ import glob
 import json
 import os
 
-from fastgpu_jax.bench import mosaic_targets
+from fastgpu_jax.bench import WRONG, mosaic_targets
 
 
 def load(out_dir: str) -> tuple[dict, dict, list[str]]:
@@ -32,6 +32,9 @@ def load(out_dir: str) -> tuple[dict, dict, list[str]]:
         if "lowering" not in run:
             raise ValueError(f"{path}: no 'lowering' field (written by a bench older than this script); rerun it")
         low = run["lowering"].split(":")[0]
+        wrong = [r.get("name", r.get("layer")) for r in run["rows"] if r.get("error", 0) > WRONG]
+        if wrong:
+            notes.append(f"{os.path.basename(path)}: WRONG output (error vs XLA > {WRONG}) on {wrong}")
         if run.get("tiny"):
             notes.append(f"{os.path.basename(path)}: tiny shapes (not speed figures)")
         if not run.get("complete", True) or run.get("errors"):

@@ -279,6 +279,12 @@ def test_mosaic_targets_read_a_suites_runs_by_their_recorded_lowering(tmp_path, 
     table = capsys.readouterr().out
     assert "8192^3" in table and table.count("yes") + table.count("NO") == 4  # the targets with a goal
 
+    run = json.loads((tmp_path / "roofline_vit_b16_mosaic.json").read_text())
+    run["rows"][0]["error"] = 0.3
+    (tmp_path / "roofline_vit_b16_mosaic.json").write_text(json.dumps(run))
+    layer = run["rows"][0]["layer"]
+    assert f"roofline_vit_b16_mosaic.json: WRONG output (error vs XLA > {bench.WRONG}) on ['{layer}']" in \
+        script.load(str(tmp_path))[2]
     broken = json.loads((tmp_path / "kernel_sweep_triton.json").read_text())
     del broken["lowering"]  # as an older bench wrote it
     (tmp_path / "kernel_sweep_triton.json").write_text(json.dumps(broken))
