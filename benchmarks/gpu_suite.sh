@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the kernels, in four parts (each can run alone):
-#   tests     the kernel tests on the GPU (TF32-aware f32 tolerances; the Mosaic GPU tests run the real kernels)
-#   sweeps    the Pallas-vs-XLA kernel sweep once per Pallas lowering (Triton, Mosaic GPU), then the lowering
-#             verdict: OUT/measured_tuning.json, which `auto` loads in `steps`
+# Every GPU measurement of the kernels, in four parts (each can run alone), in this order:
+#   sweeps    the Pallas-vs-XLA kernel sweep once per Pallas lowering (Triton, Mosaic GPU; each shape's output is
+#             also checked against XLA's), then the lowering verdict: OUT/measured_tuning.json, which `auto` loads
+#             in `steps`
 #   roofline  the ViT-B/16 train-step kernels, XLA and Pallas measured, per lowering (ResNet-50's are the sweep's
 #             conv rows; GPU_SUITE_ROOFLINE_MODELS="resnet50 vit_b16" adds its roofline table), then
 #             benchmarks/mosaic_targets.py: the Mosaic GPU issue's targets, measured against their goals
+#   tests     the kernel tests on the GPU (TF32-aware f32 tolerances; the Mosaic GPU tests run the real kernels)
 #   steps     the ResNet-50 and ViT-B/16 train-step benches, model.backend xla, pallas and auto (with
 #             OUT/measured_tuning.json when there), plus pallas on Triton only
 # Every result goes to OUT (JSON + the printed tables in *.txt, OUT/times.txt the seconds each step took); copy
@@ -13,17 +14,19 @@
 #
 #   bash benchmarks/gpu_suite.sh [OUT] [--only PARTS] [--tar FILE] [--dry-run]
 #
-# --only: comma list of the parts above (default: all four, in that order). --tar: pack OUT into FILE at the end.
+# --only: comma list of the parts above (default: all four; they run in the order above). --tar: pack OUT into
+# FILE at the end.
 # Each step is stopped after GPU_SUITE_STEP_LIMIT seconds (default 420), and none starts once the run has
 # used GPU_SUITE_DEADLINE seconds (default: none), so that a run fits a command time limit and still packs.
 #
 # On the lent GPU machine (10 minutes a command, 30 a session, 8 files back) run it in calls, each carrying
 # device-wheels/ (made here first with benchmarks/device_wheels.sh: the 5 wheels that machine lacks), as
 #   GPU_SUITE_DEADLINE=540 bash benchmarks/gpu_suite.sh gpu-suite-out --only PARTS --tar $OUT/PARTS.tgz
-# with PARTS = tests,sweeps (2 x 77 XLA/Pallas pairs), then roofline,steps (2 x 17 pairs, 4 train-step benches),
-# then whatever OUT/failed.txt names as skipped. Each call starts from what is carried: after each, unpack its tar
-# here (`tar xzf FILES_AT/PARTS.tgz`, into ./gpu-suite-out, ignored by git) and carry gpu-suite-out too, so the
-# targets see the first call's sweeps and the step benches' `auto` loads its measured_tuning.json.
+# with PARTS = sweeps (2 x 77 XLA/Pallas pairs), then roofline,tests (2 x 17 pairs, 160 tests), then steps (4
+# train-step benches), then whatever OUT/failed.txt names as skipped. Each call starts from what is carried:
+# after each, unpack its tar here (`tar xzf FILES_AT/PARTS.tgz`, into ./gpu-suite-out, ignored by git) and carry
+# gpu-suite-out too, so the targets see the first call's sweeps and the step benches' `auto` loads its
+# measured_tuning.json.
 # A step past its limit leaves what it measured: kernel runs save their JSON after every row.
 #
 # For a GPU machine with jax (CUDA) preinstalled and no package index: wheels it lacks are installed from
@@ -36,12 +39,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=gpu-suite-out
 dry=0
-parts=tests,sweeps,roofline,steps
+parts=sweeps,roofline,tests,steps
 tar_file=
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
-    --only) parts=${2:?--only needs a comma list of tests,sweeps,roofline,steps}; shift ;;
+    --only) parts=${2:?--only needs a comma list of sweeps,roofline,tests,steps}; shift ;;
     --tar) tar_file=${2:?--tar needs a file}; shift ;;
     -*) echo "gpu_suite.sh: unknown option $1 (use [OUT] [--only PARTS] [--tar FILE] [--dry-run])" >&2; exit 2 ;;
     *) out=$1 ;;
@@ -51,7 +54,7 @@ done
 for part in ${parts//,/ }; do
   case "$part" in
     tests|sweeps|roofline|steps) ;;
-    *) echo "gpu_suite.sh: unknown part '$part' in --only (expected tests, sweeps, roofline or steps)" >&2; exit 2 ;;
+    *) echo "gpu_suite.sh: unknown part '$part' in --only (expected sweeps, roofline, tests or steps)" >&2; exit 2 ;;
   esac
 done
 wants() { [[ ",$parts," == *",$1,"* ]]; }
@@ -96,16 +99,6 @@ kernel_tests=(tests/test_matmul_kernel.py tests/test_conv2d_kernel.py tests/test
   tests/test_conv_mgpu.py)
 tiny=()
 if [ "$dry" = 1 ]; then tiny=(--tiny --iters 1); fi
-if wants tests; then
-  if [ "$dry" = 1 ]; then
-    step kernel_tests "$py" -m pytest -q -x "${kernel_tests[@]}" -k "lower or split or routes or layout"
-  elif "$py" -c "import pytest" 2>/dev/null; then
-    step kernel_tests "$py" -m pytest -q "${kernel_tests[@]}"
-  else
-    echo "FAILED: kernel_tests (pytest is not installed: carry pytest, pluggy and iniconfig wheels in" \
-      "device-wheels/)" | tee -a "$out/failed.txt"
-  fi
-fi
 if wants sweeps; then
   for low in triton mosaic; do
     ops=()  # dry run: the Mosaic interpreter takes ~10 s a kernel call, so only its matmul rows there
@@ -129,6 +122,16 @@ if wants roofline; then
   done
   if [ "$dry" = 0 ]; then
     step mosaic_targets "$py" benchmarks/mosaic_targets.py "$out"
+  fi
+fi
+if wants tests; then
+  if [ "$dry" = 1 ]; then
+    step kernel_tests "$py" -m pytest -q -x "${kernel_tests[@]}" -k "lower or split or routes or layout"
+  elif "$py" -c "import pytest" 2>/dev/null; then
+    step kernel_tests "$py" -m pytest -q "${kernel_tests[@]}"
+  else
+    echo "FAILED: kernel_tests (pytest is not installed: carry pytest, pluggy and iniconfig wheels in" \
+      "device-wheels/)" | tee -a "$out/failed.txt"
   fi
 fi
 if wants steps; then
