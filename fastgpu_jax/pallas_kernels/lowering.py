@@ -204,8 +204,8 @@ def num_sms(kind: str, interpret: bool) -> int:
     """CTAs in a persistent grid: one per SM."""
     if interpret:
         return INTERPRET_SMS
-    if jax.default_backend() == "gpu" and not _for_gpu.get():
-        return jax.devices()[0].core_count
+    if jax.default_backend() == "gpu" and not _for_gpu.get():  # the device's own count where jax reports one
+        return getattr(jax.devices()[0], "core_count", None) or _SMS.get(kind, 132)
     return _SMS.get(kind, 132)
 
 
