@@ -128,10 +128,13 @@ WRONG = 2e-2  # an ``output_error`` above this is a kernel computing something e
 
 def output_error(reference, got) -> float:
     """max |got - reference| / max |reference| over all outputs (pytrees), in float32: bf16 rounding and another
-    summation order stay well under ``WRONG``; a kernel that reads the wrong tile or misses a wait does not."""
+    summation order stay well under ``WRONG``; a kernel that reads the wrong tile or misses a wait does not.
+    A NaN or infinity in either is ``inf`` (wrong), not a NaN that every comparison would let through."""
     pairs = list(zip(jax.tree.leaves(reference), jax.tree.leaves(got)))
     diff = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))) for r, g in pairs)
     scale = max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))) for r, _ in pairs)
+    if not (math.isfinite(diff) and math.isfinite(scale)):
+        return math.inf
     return diff / scale if scale else diff
 
 

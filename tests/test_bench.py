@@ -39,6 +39,7 @@ def test_output_error_is_relative_to_the_largest_reference_value():
     ref = (jnp.array([4.0, -8.0]), jnp.array([[1.0]], jnp.bfloat16))
     assert bench.output_error(ref, ref) == 0.0
     assert bench.output_error(ref, (jnp.array([4.0, -7.0]), jnp.array([[3.0]], jnp.bfloat16))) == 2.0 / 8.0
+    assert bench.output_error(ref, (jnp.array([jnp.nan, -8.0]), ref[1])) == float("inf") > bench.WRONG
 
 
 def test_model_benchmark_times_the_step_on_cpu_on_stand_in_data(tmp_path, capsys):
