@@ -17,7 +17,8 @@
 # --only: comma list of the parts above (default: all four; they run in the order above). --tar: pack OUT into
 # FILE at the end.
 # Each step is stopped after GPU_SUITE_STEP_LIMIT seconds (default 420), and none starts once the run has
-# used GPU_SUITE_DEADLINE seconds (default: none), so that a run fits a command time limit and still packs.
+# used GPU_SUITE_DEADLINE seconds (default: none), so that a run fits a command time limit and still packs (the
+# verdict and the targets, a few seconds each, run regardless).
 #
 # On the lent GPU machine (10 minutes a command, 30 a session, 8 files back) run it in calls, each carrying
 # device-wheels/ (made here first with benchmarks/device_wheels.sh: the 5 wheels that machine lacks), as
@@ -100,7 +101,7 @@ kernel_tests=(tests/test_matmul_kernel.py tests/test_conv2d_kernel.py tests/test
 tiny=()
 if [ "$dry" = 1 ]; then tiny=(--tiny --iters 1); fi
 if wants sweeps; then
-  for low in triton mosaic; do
+  for low in mosaic triton; do  # Mosaic first: what a cut-short run must not miss
     ops=()  # dry run: the Mosaic interpreter takes ~10 s a kernel call, so only its matmul rows there
     if [ "$dry" = 1 ] && [ "$low" = mosaic ]; then ops=(--ops matmul); fi
     step "kernel_sweep_$low" "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" "${ops[@]}" --lowering "$low" \
@@ -109,7 +110,7 @@ if wants sweeps; then
   # The two sweeps' verdict per (kernel, shape class): which lowering auto should take, and whether Pallas beats
   # XLA; saved as a tuning table that the step benches' auto loads (full-size sweeps only).
   if [ "$dry" = 0 ]; then
-    step lowering_verdict "$py" benchmarks/lowering_verdict.py "$out/kernel_sweep_triton.json" \
+    deadline=0 step_limit=60 step lowering_verdict "$py" benchmarks/lowering_verdict.py "$out/kernel_sweep_triton.json" \
       "$out/kernel_sweep_mosaic.json" --write "$out/measured_tuning.json"
   fi
 fi
@@ -121,7 +122,7 @@ if wants roofline; then
     done
   done
   if [ "$dry" = 0 ]; then
-    step mosaic_targets "$py" benchmarks/mosaic_targets.py "$out"
+    deadline=0 step_limit=60 step mosaic_targets "$py" benchmarks/mosaic_targets.py "$out"
   fi
 fi
 if wants tests; then
