@@ -3,6 +3,8 @@
 #   sweeps    the Pallas-vs-XLA kernel sweep once per Pallas lowering (Triton, Mosaic GPU; each shape's output is
 #             also checked against XLA's), then the lowering verdict: OUT/measured_tuning.json, which `auto` loads
 #             in `steps`
+#   autotune  (only when named) benchmarks/autotune_mosaic.py: Mosaic GPU tile configurations per op and shape
+#             class, the winners merged into OUT/measured_tuning.json (15 candidates x 5 problems)
 #   roofline  the ViT-B/16 train-step kernels, XLA and Pallas measured, per lowering (ResNet-50's are the sweep's
 #             conv rows; GPU_SUITE_ROOFLINE_MODELS="resnet50 vit_b16" adds its roofline table), then
 #             benchmarks/mosaic_targets.py: the Mosaic GPU issue's targets, measured against their goals
@@ -14,7 +16,7 @@
 #
 #   bash benchmarks/gpu_suite.sh [OUT] [--only PARTS] [--tar FILE] [--dry-run]
 #
-# --only: comma list of the parts above (default: all four; they run in the order above). --tar: pack OUT into
+# --only: comma list of the parts above (default: all but autotune; they run in the order above). --tar: pack OUT into
 # FILE at the end.
 # Each step is stopped after GPU_SUITE_STEP_LIMIT seconds (default 420), and none starts once the run has
 # used GPU_SUITE_DEADLINE seconds (default: none), so that a run fits a command time limit and still packs (the
@@ -24,10 +26,10 @@
 # device-wheels/ (made here first with benchmarks/device_wheels.sh: the 5 wheels that machine lacks), as
 #   GPU_SUITE_DEADLINE=540 bash benchmarks/gpu_suite.sh gpu-suite-out --only PARTS --tar $OUT/PARTS.tgz
 # with PARTS = sweeps (2 x 77 XLA/Pallas pairs), then roofline,tests (2 x 17 pairs, 160 tests), then steps (4
-# train-step benches), then whatever OUT/failed.txt names as skipped. Each call starts from what is carried:
-# after each, unpack its tar here (`tar xzf FILES_AT/PARTS.tgz`, into ./gpu-suite-out, ignored by git) and carry
-# gpu-suite-out too, so the targets see the first call's sweeps and the step benches' `auto` loads its
-# measured_tuning.json.
+# train-step benches), then whatever OUT/failed.txt names as skipped (and, with time left, autotune,steps). Each
+# call starts from what is carried: after each, unpack its tar here (`tar xzf FILES_AT/PARTS.tgz`, into
+# ./gpu-suite-out, ignored by git) and carry gpu-suite-out too, so the targets see the first call's sweeps and
+# the step benches' `auto` loads its measured_tuning.json.
 # A step past its limit leaves what it measured: kernel runs save their JSON after every row.
 #
 # For a GPU machine with jax (CUDA) preinstalled and no package index: wheels it lacks are installed from
@@ -45,7 +47,7 @@ tar_file=
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
-    --only) parts=${2:?--only needs a comma list of sweeps,roofline,tests,steps}; shift ;;
+    --only) parts=${2:?--only needs a comma list of sweeps,autotune,roofline,tests,steps}; shift ;;
     --tar) tar_file=${2:?--tar needs a file}; shift ;;
     -*) echo "gpu_suite.sh: unknown option $1 (use [OUT] [--only PARTS] [--tar FILE] [--dry-run])" >&2; exit 2 ;;
     *) out=$1 ;;
@@ -54,8 +56,9 @@ while [ $# -gt 0 ]; do
 done
 for part in ${parts//,/ }; do
   case "$part" in
-    tests|sweeps|roofline|steps) ;;
-    *) echo "gpu_suite.sh: unknown part '$part' in --only (expected sweeps, roofline, tests or steps)" >&2; exit 2 ;;
+    sweeps|autotune|roofline|tests|steps) ;;
+    *) echo "gpu_suite.sh: unknown part '$part' in --only (expected sweeps, autotune, roofline, tests or steps)" >&2
+       exit 2 ;;
   esac
 done
 wants() { [[ ",$parts," == *",$1,"* ]]; }
@@ -110,8 +113,16 @@ if wants sweeps; then
   # The two sweeps' verdict per (kernel, shape class): which lowering auto should take, and whether Pallas beats
   # XLA; saved as a tuning table that the step benches' auto loads (full-size sweeps only).
   if [ "$dry" = 0 ]; then
-    deadline=0 step_limit=60 step lowering_verdict "$py" benchmarks/lowering_verdict.py "$out/kernel_sweep_triton.json" \
-      "$out/kernel_sweep_mosaic.json" --write "$out/measured_tuning.json"
+    deadline=0 step_limit=60 step lowering_verdict "$py" benchmarks/lowering_verdict.py \
+      "$out/kernel_sweep_triton.json" "$out/kernel_sweep_mosaic.json" --write "$out/measured_tuning.json"
+  fi
+fi
+if wants autotune; then
+  if [ "$dry" = 1 ]; then
+    echo "== (dry run) would run: $py benchmarks/autotune_mosaic.py --table $out/measured_tuning.json" \
+      | tee -a "$out/autotune.txt"
+  else
+    step autotune "$py" benchmarks/autotune_mosaic.py --table "$out/measured_tuning.json"
   fi
 fi
 if wants roofline; then

@@ -337,3 +337,74 @@ def test_runs_save_each_row_as_timed_and_name_a_failing_shape_without_stopping(t
     assert [e["error"] for e in saved["errors"]] == ["ValueError: out of memory"]
     assert all(r["xla_us"] == r["pallas_us"] == 1e3 and r["error"] == 0.5 for r in saved["rows"])
     assert capsys.readouterr().out.count("WRONG") == len(rows)
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_autotune_candidates_fit_shared_memory_as_mosaic_gpu_lowering_counts_it():
+    """The candidates' shared-memory formula against Mosaic GPU's own check when lowering for an H100: the
+    largest candidate lowers, one more pipeline stage of it does not ("exceeds available shared memory")."""
+    import dataclasses
+
+    from fastgpu_jax.pallas_kernels import lowering, tuning
+    from fastgpu_jax.pallas_kernels.matmul import matmul
+
+    script = _script("autotune_mosaic")
+    cands = script.candidates()
+    assert cands and all(script.smem_bytes(b) <= script.SMEM_LIMIT for b in cands)
+    assert tuning.TABLE[("H100", "matmul_mgpu", "large", "bfloat16")] in cands  # the table's row is among them
+    largest = cands[-1]
+    over = dataclasses.replace(largest, stages=largest.stages + 1)
+    assert script.smem_bytes(over) > script.SMEM_LIMIT
+    args = (jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16),) * 2  # enough K steps for every stage, no split-K
+    for blocks, fits in ((largest, True), (over, False)):
+        with lowering.lower_for_gpu(), tuning.use_device_kind("H100"), lowering.use_lowering("mosaic"), \
+                tuning.use_blocks(matmul_mgpu=blocks):
+            # a new function each time: jit's cache does not see the blocks in force
+            lowered = lambda: jax.jit(lambda a, b: matmul(a, b)).trace(*args).lower(  # noqa: E731
+                lowering_platforms=("cuda",))
+            if fits:
+                lowered()
+            else:
+                with pytest.raises(Exception, match="exceeds available shared memory"):
+                    lowered()
+
+
+def test_autotune_merges_the_winners_into_the_table(tmp_path, monkeypatch, capsys):
+    """On a GPU (faked: times come from a counter, so the last candidate tried wins) the winners are written over
+    what the table held: its flags stay, each (op, shape class) gets its fastest blocks. On CPU it refuses."""
+    import dataclasses
+
+    from fastgpu_jax.pallas_kernels import tuning
+
+    script = _script("autotune_mosaic")
+    with pytest.raises(SystemExit, match="times kernels on a GPU"):
+        script.main(["--table", str(tmp_path / "t.json")])
+    for name in ("_LOADED", "FASTER_THAN_XLA", "TRITON_FASTER_THAN_MOSAIC"):
+        monkeypatch.setattr(tuning, name, {})
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"faster_than_xla": [dict(kind="H100", op="conv2d", shape_class="large",
+                                                          faster=True)]}))
+    monkeypatch.setattr(script, "MATMUL_SHAPES", {"large": (64, 64, 64), "small": (64, 64, 32)})
+    monkeypatch.setattr(script, "CONV_SHAPES", {"medium": ((2, 8, 8, 32), (3, 3, 32, 32), 1)})
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    clock = iter(range(1000, 0, -1))
+    monkeypatch.setattr(tuning, "time_fn", lambda fn, *a, **k: next(clock) * 1e-6)
+    with tuning.use_device_kind("H100"):
+        script.main(["--table", str(table)])
+    saved = json.loads(table.read_text())
+    assert saved["faster_than_xla"] == [dict(kind="H100", op="conv2d", shape_class="large", faster=True)]
+    rows = {(r["op"], r["shape_class"]): r for r in saved["blocks"]}
+    assert set(rows) == {("matmul_mgpu", "large"), ("matmul_mgpu", "small"), ("conv2d_mgpu", "medium")}
+    for (op, shape_class), row in rows.items():  # the table's row is tried first, so the last other one wins
+        table_row = tuning.TABLE[("H100", op, shape_class, "bfloat16")]
+        last = [b for b in script.candidates() if b != table_row][-1]
+        assert row["blocks"] == dataclasses.asdict(last) and (row["kind"], row["dtype"]) == ("H100", "bfloat16")
+    assert capsys.readouterr().out.count("best") == 3
