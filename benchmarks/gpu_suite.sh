@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the kernels, in four parts (each can run alone), in this order:
-#   sweeps    the Pallas-vs-XLA kernel sweep once per Pallas lowering (Triton, Mosaic GPU; each shape's output is
-#             also checked against XLA's), then the lowering verdict: OUT/measured_tuning.json, which `auto` loads
-#             in `steps`
+#   sweeps    the Pallas-vs-XLA kernel sweep for both Pallas lowerings (Mosaic GPU, Triton; XLA timed once per
+#             shape; each shape's output also checked against XLA's), then the lowering verdict:
+#             OUT/measured_tuning.json, which `auto` loads in `steps`
 #   autotune  (only when named) benchmarks/autotune_mosaic.py: Mosaic GPU tile configurations per op and shape
 #             class, the winners merged into OUT/measured_tuning.json (15 candidates x 5 problems)
 #   roofline  the ViT-B/16 train-step kernels, XLA and Pallas measured, per lowering (ResNet-50's are the sweep's
@@ -16,16 +16,16 @@
 #
 #   bash benchmarks/gpu_suite.sh [OUT] [--only PARTS] [--tar FILE] [--dry-run]
 #
-# --only: comma list of the parts above (default: all but autotune; they run in the order above). --tar: pack OUT into
-# FILE at the end.
-# Each step is stopped after GPU_SUITE_STEP_LIMIT seconds (default 420), and none starts once the run has
-# used GPU_SUITE_DEADLINE seconds (default: none), so that a run fits a command time limit and still packs (the
-# verdict and the targets, a few seconds each, run regardless).
+# --only: comma list of the parts above (default: all but autotune; they run in the order above). --tar: pack OUT
+# into FILE at the end. Each step is stopped after GPU_SUITE_STEP_LIMIT seconds (default 420; the sweep
+# GPU_SUITE_SWEEP_LIMIT, 540), and none starts once the run has used GPU_SUITE_DEADLINE seconds (default: none),
+# so that a run fits a command time limit and still packs (the verdict and the targets, a few seconds each, run
+# regardless).
 #
 # On the lent GPU machine (10 minutes a command, 30 a session, 8 files back) run it in calls, each carrying
 # device-wheels/ (made here first with benchmarks/device_wheels.sh: the 5 wheels that machine lacks), as
 #   GPU_SUITE_DEADLINE=540 bash benchmarks/gpu_suite.sh gpu-suite-out --only PARTS --tar $OUT/PARTS.tgz
-# with PARTS = sweeps (2 x 77 XLA/Pallas pairs), then roofline,tests (2 x 17 pairs, 160 tests), then steps (4
+# with PARTS = sweeps (77 shapes x XLA + 2 lowerings), then roofline,tests (2 x 17 pairs, 160 tests), then steps (4
 # train-step benches), then whatever OUT/failed.txt names as skipped (and, with time left, autotune,steps). Each
 # call starts from what is carried: after each, unpack its tar here (`tar xzf FILES_AT/PARTS.tgz`, into
 # ./gpu-suite-out, ignored by git) and carry gpu-suite-out too, so the targets see the first call's sweeps and
@@ -104,12 +104,15 @@ kernel_tests=(tests/test_matmul_kernel.py tests/test_conv2d_kernel.py tests/test
 tiny=()
 if [ "$dry" = 1 ]; then tiny=(--tiny --iters 1); fi
 if wants sweeps; then
-  for low in mosaic triton; do  # Mosaic first: what a cut-short run must not miss
-    ops=()  # dry run: the Mosaic interpreter takes ~10 s a kernel call, so only its matmul rows there
-    if [ "$dry" = 1 ] && [ "$low" = mosaic ]; then ops=(--ops matmul); fi
-    step "kernel_sweep_$low" "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" "${ops[@]}" --lowering "$low" \
-      --json "$out/kernel_sweep_$low.json"
-  done
+  if [ "$dry" = 1 ]; then  # the Mosaic interpreter takes ~10 s a kernel call, so only its matmul rows here
+    step kernel_sweep_triton "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" --lowering triton \
+      --json "$out/kernel_sweep_triton.json"
+    step kernel_sweep_mosaic "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" --ops matmul --lowering mosaic \
+      --json "$out/kernel_sweep_mosaic.json"
+  else  # one sweep, XLA timed once per shape for both lowerings; each row saved as timed, Mosaic's first
+    step_limit=${GPU_SUITE_SWEEP_LIMIT:-540} step kernel_sweeps "$py" -m fastgpu_jax bench --kernels \
+      --lowering mosaic,triton --json "$out/kernel_sweep_{lowering}.json"
+  fi
   # The two sweeps' verdict per (kernel, shape class): which lowering auto should take, and whether Pallas beats
   # XLA; saved as a tuning table that the step benches' auto loads (full-size sweeps only).
   if [ "$dry" = 0 ]; then

@@ -138,22 +138,52 @@ def output_error(reference, got) -> float:
     return diff / scale if scale else diff
 
 
-def _time_pair(make: Callable[[str], Callable], args: tuple, iters: int,
-               label: str = "") -> tuple[float, float, float]:
-    """(XLA seconds, Pallas seconds) per call and the Pallas output's ``output_error`` against XLA's (a speed
-    figure is worth nothing if the kernel is wrong there, and on a GPU the sweep is what runs every shape); says
-    what it compiles and times, since each can take a while."""
+def _time_impls(make: Callable[[str], Callable], args: tuple, iters: int, label: str,
+                lowerings: tuple[str, ...]) -> tuple[float, dict]:
+    """XLA's seconds per call, and per Pallas lowering either (Pallas seconds, the Pallas output's
+    ``output_error`` against XLA's) or the exception it raised. XLA is compiled and timed once for all the
+    lowerings (a GPU sweep's time goes to compiling). A speed figure is worth nothing if the kernel is wrong
+    there, and on a GPU the sweep is what runs every shape. Says what it compiles and times, since each can take a
+    while."""
     start = time.perf_counter()
-    print(f"bench: {label} (compile + {iters} timed call(s), XLA then Pallas) ...", end=" ", flush=True)
-    fns = {impl: jax.jit(make(impl)) for impl in ("xla", "pallas")}
-    xla_s, pallas_s = (tuning.time_fn(fns[impl], *args, warmup=1, iters=iters) for impl in ("xla", "pallas"))
-    error = output_error(fns["xla"](*args), fns["pallas"](*args))
-    print(f"{time.perf_counter() - start:.1f} s" + (f" (WRONG: error {error:.2g})" if error > WRONG else ""),
+    print(f"bench: {label} (compile + {iters} timed call(s), XLA then Pallas on {', '.join(lowerings)}) ...",
+          end=" ", flush=True)
+    xla = jax.jit(make("xla"))
+    xla_s = tuning.time_fn(xla, *args, warmup=1, iters=iters)
+    reference = xla(*args)
+    per: dict = {}
+    for low in lowerings:
+        try:
+            with lowering.use_lowering(low):  # jit traces at the first call, inside
+                fn = jax.jit(make("pallas"))
+                pallas_s = tuning.time_fn(fn, *args, warmup=1, iters=iters)
+                per[low] = (pallas_s, output_error(reference, fn(*args)))
+        except Exception as e:  # noqa: BLE001 (recorded for this lowering; the others go on)
+            per[low] = e
+    wrong = [low for low, r in per.items() if not isinstance(r, Exception) and r[1] > WRONG]
+    print(f"{time.perf_counter() - start:.1f} s" + (f" (WRONG output on {', '.join(wrong)})" if wrong else ""),
           flush=True)
-    return xla_s, pallas_s, error
+    return xla_s, per
 
 
-def bench_matmuls(tiny: bool, iters: int, record: _Record) -> None:
+def _measure(records: dict[str, _Record], label: str, make: Callable[[str], Callable], args: tuple, iters: int,
+             row: Callable[[float, float, float], Row]) -> None:
+    """Times one shape on XLA and on each lowering of ``records`` and adds ``row(xla_s, pallas_s, error)`` to
+    that lowering's record, or names the failure there (an XLA failure in every record)."""
+    try:
+        xla_s, per = _time_impls(make, args, iters, label, tuple(records))
+    except Exception as e:  # noqa: BLE001 (named in the JSON; the sweep goes on)
+        for record in records.values():
+            record.fail(label, e)
+        return
+    for low, result in per.items():
+        if isinstance(result, Exception):
+            records[low].fail(label, result)
+        else:
+            records[low].add(row(xla_s, *result))
+
+
+def bench_matmuls(tiny: bool, iters: int, records: dict[str, _Record]) -> None:
     for name, m, k, n in MATMUL_SHAPES:
         if tiny:
             m, k, n = (max(16, d // 256) for d in (m, k, n))
@@ -164,17 +194,13 @@ def bench_matmuls(tiny: bool, iters: int, record: _Record) -> None:
         def make(impl):
             return (lambda a, b: a @ b) if impl == "xla" else (lambda a, b: pallas_matmul(a, b))
 
-        label = f"{name} {m}x{k}x{n}"
-        try:
-            xla_s, pallas_s, error = _time_pair(make, (a, b), iters, f"matmul {label}")
-        except Exception as e:  # noqa: BLE001 (named in the JSON; the sweep goes on)
-            record.fail(f"matmul {label}", e)
-            continue
-        record.add(Row(label, "matmul", 2.0 * m * n * k, xla_s, pallas_s, "matmul",
-                       tuning.matmul_shape_class(m, n, k), error))
+        label, shape_class = f"{name} {m}x{k}x{n}", tuning.matmul_shape_class(m, n, k)
+        _measure(records, f"matmul {label}", make, (a, b), iters,
+                 lambda xla_s, pallas_s, error, label=label, flops=2.0 * m * n * k, shape_class=shape_class:
+                 Row(label, "matmul", flops, xla_s, pallas_s, "matmul", shape_class, error))
 
 
-def bench_convs(tiny: bool, iters: int, record: _Record) -> None:
+def bench_convs(tiny: bool, iters: int, records: dict[str, _Record]) -> None:
     convs = resnet50_convs(batch=2 if tiny else 256, image=32 if tiny else 224)
     done = set()
     for conv in convs:
@@ -198,13 +224,9 @@ def bench_convs(tiny: bool, iters: int, record: _Record) -> None:
         kernel, shape_class = _conv_kernel(x_shape, w_shape, conv["strides"], conv["padding"], math.prod(out[:3]))
         for kind in ("fwd", "dgrad", "wgrad"):
             args = (x, w) if kind == "fwd" else (x, w, dy)
-            try:
-                xla_s, pallas_s, error = _time_pair(lambda impl, kind=kind: _pass(kind, impls[impl]), args, iters,
-                                                    f"conv {kind} {label}")
-            except Exception as e:  # noqa: BLE001 (named in the JSON; the sweep goes on)
-                record.fail(f"conv {kind} {label}", e)
-                continue
-            record.add(Row(label, f"conv {kind}", flops, xla_s, pallas_s, kernel, shape_class, error))
+            _measure(records, f"conv {kind} {label}", lambda impl, kind=kind: _pass(kind, impls[impl]), args, iters,
+                     lambda xla_s, pallas_s, error, kind=kind:
+                     Row(label, f"conv {kind}", flops, xla_s, pallas_s, kernel, shape_class, error))
 
 
 def _conv_kernel(x_shape, w_shape, strides, padding, pixels: int) -> tuple[str, str]:
@@ -295,23 +317,36 @@ def format_table(rows: list[Row]) -> str:
 
 
 def run_kernel_benchmarks(*, tiny: bool | None = None, iters: int | None = None, json_path: str | None = None,
-                          ops: tuple[str, ...] = ("matmul", "conv")) -> list[Row]:
-    """Runs the sweep (``tiny`` defaults to True on CPU), prints the table, optionally writes JSON."""
+                          ops: tuple[str, ...] = ("matmul", "conv"),
+                          lowerings: tuple[str, ...] | None = None) -> dict[str, list[Row]]:
+    """Runs the sweep (``tiny`` defaults to True on CPU) for each Pallas lowering of ``lowerings`` (default: the
+    one in force), XLA timed once per shape for all; prints a table per lowering, optionally writes a JSON per
+    lowering (``json_path`` with ``{lowering}`` in it when there are several). Returns {lowering: rows}."""
     tiny = jax.default_backend() == "cpu" if tiny is None else tiny
     iters = iters or (1 if tiny else 20)
-    record = _Record(json_path, {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
-                                 "lowering": lowering.describe(tuning.device_kind())})
+    lowerings = tuple(lowerings or (lowering.current(),))
+    if json_path and len(lowerings) > 1 and "{lowering}" not in json_path:
+        raise ValueError(f"--json {json_path}: a sweep of several lowerings writes one file each; put {{lowering}} "
+                         f"in the name (e.g. kernel_sweep_{{lowering}}.json)")
+    records = {}
+    for low in lowerings:
+        with lowering.use_lowering(low):
+            header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
+                      "lowering": lowering.describe(tuning.device_kind())}
+        records[low] = _Record(json_path and json_path.replace("{lowering}", low), header)
     if "matmul" in ops:
-        bench_matmuls(tiny, iters, record)
+        bench_matmuls(tiny, iters, records)
     if "conv" in ops:
-        bench_convs(tiny, iters, record)
-    record.save(complete=True)
-    print(f"device: {jax.devices()[0].device_kind} ({tuning.device_kind()}), jax {jax.__version__}, "
-          f"{'tiny shapes (interpret mode: not a speed figure)' if tiny else 'full shapes'}, median of {iters}")
-    print(format_table(record.rows))
-    for e in record.errors:
-        print(f"FAILED: {e['what']}: {e['error']}")
-    return record.rows
+        bench_convs(tiny, iters, records)
+    for low, record in records.items():
+        record.save(complete=True)
+        print(f"device: {jax.devices()[0].device_kind} ({tuning.device_kind()}), jax {jax.__version__}, "
+              f"{'tiny shapes (interpret mode: not a speed figure)' if tiny else 'full shapes'}, median of {iters}; "
+              f"pallas lowering {record.header['lowering']}")
+        print(format_table(record.rows))
+        for e in record.errors:
+            print(f"FAILED: {e['what']}: {e['error']}")
+    return {low: record.rows for low, record in records.items()}
 
 
 # --- roofline of a model's kernels ----------------------------------------------------------------------

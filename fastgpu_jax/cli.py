@@ -109,9 +109,10 @@ def _parser() -> argparse.ArgumentParser:
                         "bytes, H100 roofline time; measured XLA and Pallas times on a GPU)")
     b.add_argument("--batch", type=int, default=256, help="batch size for --kernels --model")
     b.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="for --kernels --model")
-    b.add_argument("--lowering", choices=("auto", "triton", "mosaic"), default="auto",
-                   help="with --kernels: the Pallas lowering the kernels use (a config bench reads "
-                        "model.pallas_lowering)")
+    b.add_argument("--lowering", default="auto",
+                   help="with --kernels: the Pallas lowering the kernels use, auto, triton or mosaic (a config "
+                        "bench reads model.pallas_lowering); the sweep takes a comma list, timing XLA once per "
+                        "shape for all, with {lowering} in --json")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
     q = sub.add_parser("quantize", help="int8 post-training quantization of the newest checkpoint: writes "
@@ -202,14 +203,18 @@ def _run(args, extra: list[str]) -> int:
         elif args.kernels:
             from fastgpu_jax.pallas_kernels import lowering, tuning
 
-            print(f"pallas lowering {lowering.describe(tuning.device_kind(), args.lowering)}")
-            with lowering.use_lowering(args.lowering):
-                if args.model:
+            lowerings = tuple(lowering.check_lowering(name) for name in split(args.lowering))
+            for name in lowerings:
+                print(f"pallas lowering {lowering.describe(tuning.device_kind(), name)}")
+            if args.model:
+                if len(lowerings) != 1:
+                    raise ValueError(f"--kernels --model times one lowering, got --lowering {args.lowering}")
+                with lowering.use_lowering(lowerings[0]):
                     bench.run_roofline(args.model, batch=args.batch, dtype=args.dtype, iters=args.iters or 20,
                                        json_path=args.json)
-                else:
-                    bench.run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json,
-                                                ops=split(args.ops))
+            else:
+                bench.run_kernel_benchmarks(tiny=args.tiny, iters=args.iters, json_path=args.json,
+                                            ops=split(args.ops), lowerings=lowerings)
         elif args.data:
             from fastgpu_jax import bench_data
 

@@ -24,7 +24,7 @@ def test_resnet50_conv_list_covers_every_conv_kernel_shape():
 
 
 def test_tiny_matmul_sweep_prints_a_table_and_json(tmp_path, capsys):
-    rows = bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(tmp_path / "b.json"))
+    rows = bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(tmp_path / "b.json"))["auto"]
     out = capsys.readouterr().out
     assert len(rows) == len(bench.MATMUL_SHAPES)
     assert "geometric mean" in out and "square 8192" in out
@@ -33,6 +33,44 @@ def test_tiny_matmul_sweep_prints_a_table_and_json(tmp_path, capsys):
     assert len(saved["rows"]) == len(rows) and all(r["xla_s"] > 0 and r["pallas_s"] > 0 for r in saved["rows"])
     assert all(0 <= r["error"] < bench.WRONG for r in saved["rows"])  # the kernel's output checked against XLA's
     assert bench.geomean([2.0, 0.5]) == 1.0
+
+
+def test_a_sweep_of_two_lowerings_times_xla_once_per_shape_and_writes_a_json_each(tmp_path, monkeypatch, capsys):
+    """``--lowering triton,mosaic``: per shape XLA is compiled and timed once and each lowering's kernel once (on a
+    GPU the sweep's time is compiling); each lowering gets its own JSON, rows and errors."""
+    from fastgpu_jax.pallas_kernels import lowering
+
+    timed = []
+
+    def time_fn(fn, *args, **kw):
+        timed.append(lowering.current())
+        return 1e-3 * len(timed)
+
+    monkeypatch.setattr(bench.tuning, "time_fn", time_fn)
+    kernel, failed = bench.pallas_matmul, []
+
+    def first_triton_call_fails(a, b):  # one lowering failing on one shape costs only that row
+        if lowering.current() == "triton" and not failed:
+            failed.append(a.shape)
+            raise RuntimeError("no kernel")
+        return kernel(a, b)
+
+    monkeypatch.setattr(bench, "pallas_matmul", first_triton_call_fails)
+    with pytest.raises(ValueError, match=r"put \{lowering\} in the name"):
+        bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(tmp_path / "s.json"),
+                                    lowerings=("triton", "auto"))
+    shapes = len(bench.MATMUL_SHAPES)
+    out = bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(tmp_path / "s_{lowering}.json"),
+                                      lowerings=("triton", "auto"))
+    assert timed == ["auto", "triton", "auto"] * shapes  # XLA (under the ambient lowering), then each lowering
+    runs = {low: json.loads((tmp_path / f"s_{low}.json").read_text()) for low in ("triton", "auto")}
+    assert runs["triton"]["lowering"].startswith("triton:") and runs["auto"]["lowering"].startswith("auto:")
+    assert [e["error"] for e in runs["triton"]["errors"]] == ["RuntimeError: no kernel"] and not runs["auto"]["errors"]
+    for i, (t, a) in enumerate(zip(runs["triton"]["rows"], runs["auto"]["rows"][1:]), start=1):
+        assert t["xla_s"] == a["xla_s"] == pytest.approx(1e-3 * (3 * i + 1))  # the one XLA time
+        assert (t["pallas_s"], a["pallas_s"]) == pytest.approx((1e-3 * (3 * i + 2), 1e-3 * (3 * i + 3)))
+    assert [len(rows) for rows in out.values()] == [shapes - 1, shapes]
+    assert capsys.readouterr().out.count("geometric mean") == 2
 
 
 def test_output_error_is_relative_to_the_largest_reference_value():
@@ -238,7 +276,8 @@ def test_mosaic_targets_read_a_suites_runs_by_their_recorded_lowering(tmp_path, 
     speeds: dict = {}  # (lowering, kernel) -> {pass: Pallas speed vs XLA}
     for low in ("mosaic", "triton"):
         with lowering.use_lowering(low):
-            monkeypatch.setattr(bench, "_time_pair", lambda *a, **k: (3.0, 3.0 / float(rng.uniform(0.5, 2.0)), 0.0))
+            monkeypatch.setattr(bench, "_time_impls", lambda make, args, iters, label, lows: (
+                3.0, {low: (3.0 / float(rng.uniform(0.5, 2.0)), 0.0) for low in lows}))
             bench.run_kernel_benchmarks(tiny=True, json_path=str(tmp_path / f"kernel_sweep_{low}.json"))
             path = tmp_path / f"roofline_vit_b16_{low}.json"
             bench.run_roofline("vit_b16", batch=1, measure=False, json_path=str(path))
@@ -300,17 +339,17 @@ def test_runs_save_each_row_as_timed_and_name_a_failing_shape_without_stopping(t
 
     path, labels = tmp_path / "sweep.json", []
 
-    def time_pair(make, args, iters, label=""):
+    def time_impls(make, args, iters, label, lowerings):
         if labels:
             saved = json.loads(path.read_text())
             assert not saved["complete"] and len(saved["rows"]) + len(saved["errors"]) == len(labels)
         labels.append(label)
-        if "qkv" in label:
-            raise RuntimeError("a kernel that failed\nits long traceback")
-        return 2.0, 1.0, 0.0
+        if "qkv" in label:  # this lowering's kernel failed (XLA's failing too would fail every lowering)
+            return 2.0, {low: RuntimeError("a kernel that failed\nits long traceback") for low in lowerings}
+        return 2.0, {low: (1.0, 0.0) for low in lowerings}
 
-    monkeypatch.setattr(bench, "_time_pair", time_pair)
-    rows = bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(path))
+    monkeypatch.setattr(bench, "_time_impls", time_impls)
+    rows = bench.run_kernel_benchmarks(tiny=True, ops=("matmul",), json_path=str(path))["auto"]
     saved = json.loads(path.read_text())
     assert saved["complete"] and len(rows) == len(saved["rows"]) == len(bench.MATMUL_SHAPES) - 1
     (failed,) = [label for label in labels if "qkv" in label]

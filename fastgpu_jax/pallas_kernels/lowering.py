@@ -64,6 +64,11 @@ def check_lowering(name: str) -> str:
     return name
 
 
+def current() -> str:
+    """The lowering requested here ("auto" unless ``use_lowering`` says otherwise)."""
+    return _lowering.get()
+
+
 @contextlib.contextmanager
 def use_lowering(name: str) -> Iterator[None]:
     """Kernels traced inside use lowering ``name`` ("auto", "triton" or "mosaic")."""
