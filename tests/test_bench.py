@@ -447,3 +447,12 @@ def test_autotune_merges_the_winners_into_the_table(tmp_path, monkeypatch, capsy
         last = [b for b in script.candidates() if b != table_row][-1]
         assert row["blocks"] == dataclasses.asdict(last) and (row["kind"], row["dtype"]) == ("H100", "bfloat16")
     assert capsys.readouterr().out.count("best") == 3
+
+
+def test_bench_names_a_bad_lowering_list_in_one_line(capsys):
+    from fastgpu_jax import cli
+
+    assert cli.main(["bench", "--kernels", "--lowering", "triton,mosiac"]) != 0
+    assert "'mosiac' is not one of" in capsys.readouterr().err
+    assert cli.main(["bench", "--kernels", "--model", "vit_b16", "--lowering", "triton,mosaic"]) != 0
+    assert "--kernels --model times one lowering" in capsys.readouterr().err
