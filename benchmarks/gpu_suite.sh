@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the kernels, in four parts (each can run alone), in this order:
-#   sweeps    the Pallas-vs-XLA kernel sweep for both Pallas lowerings (Mosaic GPU, Triton; XLA timed once per
-#             shape; each shape's output also checked against XLA's), then the lowering verdict:
-#             OUT/measured_tuning.json, which `auto` loads in `steps`
+#   sweeps    a 2-minute smoke run of the Mosaic GPU matmul (tiny shapes), then the Pallas-vs-XLA kernel sweep
+#             for both Pallas lowerings (Mosaic GPU, Triton; XLA timed once per shape; each shape's output also
+#             checked against XLA's), then the lowering verdict: OUT/measured_tuning.json, which `auto` loads in
+#             `steps`
 #   autotune  (only when named) benchmarks/autotune_mosaic.py: Mosaic GPU tile configurations per op and shape
 #             class, the winners merged into OUT/measured_tuning.json (15 candidates x 5 problems)
 #   roofline  the ViT-B/16 train-step kernels, XLA and Pallas measured, per lowering (ResNet-50's are the sweep's
@@ -109,9 +110,19 @@ if wants sweeps; then
       --json "$out/kernel_sweep_triton.json"
     step kernel_sweep_mosaic "$py" -m fastgpu_jax bench --kernels "${tiny[@]}" --ops matmul --lowering mosaic \
       --json "$out/kernel_sweep_mosaic.json"
-  else  # one sweep, XLA timed once per shape for both lowerings; each row saved as timed, Mosaic's first
+  else
+    # The Mosaic GPU kernels' first run on a GPU: tiny matmuls, outputs checked, within 2 minutes. A kernel that
+    # hangs there would hang the sweep to its limit, so then the sweep times Triton alone.
+    step_limit=120 step smoke_mosaic "$py" -m fastgpu_jax bench --kernels --tiny --iters 3 --ops matmul \
+      --lowering mosaic --json "$out/smoke_mosaic.json"
+    lowerings=mosaic,triton
+    if grep -q "FAILED: smoke_mosaic (exit 124" "$out/failed.txt" 2>/dev/null; then
+      lowerings=triton
+      echo "FAILED: the Mosaic GPU smoke run hung; the sweep times Triton only" | tee -a "$out/failed.txt"
+    fi
+    # One sweep, XLA timed once per shape for all lowerings; each row saved as timed, Mosaic's first.
     step_limit=${GPU_SUITE_SWEEP_LIMIT:-540} step kernel_sweeps "$py" -m fastgpu_jax bench --kernels \
-      --lowering mosaic,triton --json "$out/kernel_sweep_{lowering}.json"
+      --lowering "$lowerings" --json "$out/kernel_sweep_{lowering}.json"
   fi
   # The two sweeps' verdict per (kernel, shape class): which lowering auto should take, and whether Pallas beats
   # XLA; saved as a tuning table that the step benches' auto loads (full-size sweeps only).
