@@ -388,8 +388,9 @@ def _script(name):
 
 
 def test_autotune_candidates_fit_shared_memory_as_mosaic_gpu_lowering_counts_it():
-    """The candidates' shared-memory formula against Mosaic GPU's own check when lowering for an H100: the
-    largest candidate lowers, one more pipeline stage of it does not ("exceeds available shared memory")."""
+    """The candidates' shared-memory formula against Mosaic GPU's own check when lowering for an H100: every
+    candidate lowers (the largest included), one more pipeline stage of the largest does not ("exceeds available
+    shared memory")."""
     import dataclasses
 
     from fastgpu_jax.pallas_kernels import lowering, tuning
@@ -403,7 +404,7 @@ def test_autotune_candidates_fit_shared_memory_as_mosaic_gpu_lowering_counts_it(
     over = dataclasses.replace(largest, stages=largest.stages + 1)
     assert script.smem_bytes(over) > script.SMEM_LIMIT
     args = (jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16),) * 2  # enough K steps for every stage, no split-K
-    for blocks, fits in ((largest, True), (over, False)):
+    for blocks, fits in [(b, True) for b in cands] + [(over, False)]:  # every candidate lowers: none is wasted
         with lowering.lower_for_gpu(), tuning.use_device_kind("H100"), lowering.use_lowering("mosaic"), \
                 tuning.use_blocks(matmul_mgpu=blocks):
             # a new function each time: jit's cache does not see the blocks in force
