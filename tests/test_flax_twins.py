@@ -10,8 +10,8 @@ On pallas (the Pallas interpreter on CPU: all 212 pass there too, in ~230 s on 2
 products run on samples that keep every kernel size (``_pallas_sample``); the other 20 tests run in full.
 One of them, test_dense_is_dense_general, compares our Dense with flax's DenseGeneral, which always runs on XLA:
 on pallas that is our kernel against XLA's dot, equal to float32 rounding of its O(1) terms (rtol = atol = 1e-6)
-rather than bit for bit,
-since the two sum in orders that depend on the host CPU's vector width (seen on an AVX-512 host).
+rather than bit for bit, since the two sum in orders that depend on the host CPU's vector width (seen on an
+AVX-512 host).
 """
 
 import collections
