@@ -12,6 +12,16 @@ from conftest import ROOT
 from fastgpu_jax import bench, models
 
 
+def _script(name):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_resnet50_conv_list_covers_every_conv_kernel_shape():
     convs = bench.resnet50_convs(batch=2, image=64)
     model = models.build("resnet50", num_classes=1000)
@@ -172,12 +182,7 @@ def test_roofline_counts_resnet50_as_torchvision_does():
 def test_sm90_capture_records_every_tuning_entry_with_its_padding(tmp_path):
     """The offline Hopper check's first step (the second needs triton, not a dependency): every H100 tuning
     entry lowers for CUDA from this CPU machine, forward and backward, with the grid and MAC counts."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.spec_from_file_location("sm90_check", os.path.join(ROOT, "benchmarks", "sm90_check.py"))
-    sm90 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sm90)
+    sm90 = _script("sm90_check")
     sm90.capture(str(tmp_path), ["table"], batch=256)
     index = json.loads((tmp_path / "table" / "index.json").read_text())
     kernels = {e["kernel"] for e in index}
@@ -209,8 +214,6 @@ def _sweep(device, ratios, tiny=False):
 
 
 def test_lowering_verdicts_feed_auto_through_a_tuning_table(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
     from fastgpu_jax.pallas_kernels import lowering, tuning
     from fastgpu_jax.pallas_kernels.conv2d import chosen_lowering as conv_lowering
     from fastgpu_jax.pallas_kernels.matmul import chosen_lowering
@@ -231,9 +234,7 @@ def test_lowering_verdicts_feed_auto_through_a_tuning_table(tmp_path, monkeypatc
     verdict = {(v["op"], v["shape_class"]): v for v in bench.lowering_verdicts(triton, wrong)}[("matmul", "large")]
     assert verdict["mosaic_wrong"] and verdict["triton_faster"] and not verdict["faster_than_xla"]  # Triton: 0.8
 
-    spec = importlib.util.spec_from_file_location("lowering_verdict", f"{ROOT}/benchmarks/lowering_verdict.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("lowering_verdict")
     for name, sweep in (("t.json", triton), ("m.json", mosaic)):
         (tmp_path / name).write_text(json.dumps(sweep))
     script.main([str(tmp_path / "t.json"), str(tmp_path / "m.json"), "--write", str(tmp_path / "table.json")])
@@ -263,15 +264,11 @@ def test_conv_rows_name_the_kernel_that_runs_them():
 def test_mosaic_targets_read_a_suites_runs_by_their_recorded_lowering(tmp_path, monkeypatch, capsys):
     """benchmarks/mosaic_targets.py on kernel sweeps and ViT-B/16 rooflines as bench writes them (tiny sweeps,
     times faked): each target is the geometric mean over the passes of the kernel and lowering it names."""
-    import importlib.util
-
     import numpy as np
 
     from fastgpu_jax.pallas_kernels import lowering
 
-    spec = importlib.util.spec_from_file_location("mosaic_targets", f"{ROOT}/benchmarks/mosaic_targets.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("mosaic_targets")
     rng = np.random.default_rng(0)
     speeds: dict = {}  # (lowering, kernel) -> {pass: Pallas speed vs XLA}
     for low in ("mosaic", "triton"):
@@ -376,15 +373,6 @@ def test_runs_save_each_row_as_timed_and_name_a_failing_shape_without_stopping(t
     assert [e["error"] for e in saved["errors"]] == ["ValueError: out of memory"]
     assert all(r["xla_us"] == r["pallas_us"] == 1e3 and r["error"] == 0.5 for r in saved["rows"])
     assert capsys.readouterr().out.count("WRONG") == len(rows)
-
-
-def _script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/benchmarks/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_autotune_candidates_fit_shared_memory_as_mosaic_gpu_lowering_counts_it():
